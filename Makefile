@@ -1,0 +1,39 @@
+# Quick start: `make demo` and `make test`. Both set up .venv first (pinned versions from constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SYNTH  := data/synthetic
+SHARDS := data/shards/demo64
+
+.PHONY: setup demo test test-fast clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+$(SYNTH)/celeba/list_attr_celeba.txt: | $(STAMP)
+	$(BIN)/python launch/make_synthetic.py --output $(SYNTH) --num 4000 --seed 0
+
+$(SHARDS)/manifest.json: $(SYNTH)/celeba/list_attr_celeba.txt
+	$(BIN)/python launch/shard.py --input $(SYNTH) --output $(SHARDS) --resolution 64 --split train \
+		--shard-size 400 --workers 2
+
+# Two gloo ranks on the CPU, bf16 autocast. Rerunning resumes from runs/demo/checkpoints.
+demo: setup $(SHARDS)/manifest.json
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \
+		launch/train.py --config configs/demo.yaml
+	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
+	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,219 @@
+"""One typed config for a training run: YAML file + dotted command-line overrides.
+
+Every key is declared once below, with its type, default, allowed range and unit. Anything else in a
+YAML file or on the command line is an error that names the key (see `ConfigError`), so a typo never
+trains silently with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dcgan_dist.errors import UserError
+
+
+class ConfigError(UserError):
+    exit_code = 2
+
+
+def _opt(default, help: str, *, min=None, max=None, choices=None):
+    return field(default=default, metadata=dict(help=help, min=min, max=max, choices=choices))
+
+
+@dataclass
+class DataConfig:
+    shards: str = _opt("data/shards/train", "Directory written by launch/shard.py (holds manifest.json).")
+    batch_size: int = _opt(128, "Images per rank per step; the global batch is batch_size * world_size.", min=1)
+    num_workers: int = _opt(2, "DataLoader worker processes per rank (0 = decode in the training process).", min=0)
+    shuffle_buffer: int = _opt(2000, "Samples held per stream for shuffling; bounds loader memory.", min=1)
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = _opt(64, "Image side in pixels; must match the shards' manifest.", choices=(32, 64, 128))
+    nz: int = _opt(100, "Latent size.", min=1)
+    ngf: int = _opt(64, "Generator width: channels of its last hidden block.", min=1)
+    ndf: int = _opt(64, "Discriminator width: channels of its first block.", min=1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(2e-4, "Adam learning rate for both G and D (paper: 2e-4).", min=0.0)
+    beta1: float = _opt(0.5, "Adam beta1 (paper: 0.5).", min=0.0, max=1.0)
+    beta2: float = _opt(0.999, "Adam beta2.", min=0.0, max=1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(10000, "Optimizer steps (one D step + one G step each) to train in total.", min=1)
+    log_every: int = _opt(50, "Steps between metric lines; the only place losses leave the device.", min=1)
+    sample_every: int = _opt(500, "Steps between fixed-noise sample grids.", min=1)
+    ckpt_every: int = _opt(1000, "Steps between checkpoints (one is also written at the end).", min=1)
+    keep_ckpts: int = _opt(3, "Checkpoints kept in run_dir/checkpoints; older ones are deleted.", min=1)
+    mixed_precision: Optional[str] = _opt(
+        None, "no|fp16|bf16. Leave null to follow `accelerate launch --mixed_precision`; "
+              "a value that conflicts with the launcher is an error.", choices=(None, "no", "fp16", "bf16"))
+    channels_last: bool = _opt(True, "NHWC memory layout: faster convolutions on AMX CPUs and tensor cores.")
+    num_samples: int = _opt(64, "Images in each fixed-noise sample grid.", min=1, max=1024)
+    collective_timeout_s: int = _opt(600, "Seconds a collective may wait for a peer before the job fails.",
+                                     min=10)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = _opt("offline", "offline|online|disabled. Offline runs land in run_dir/wandb.",
+                     choices=("offline", "online", "disabled"))
+    project: str = _opt("dcgan-dist", "W&B project name.")
+    entity: Optional[str] = _opt(None, "W&B entity (team or user); null = your default.")
+    name: Optional[str] = _opt(None, "W&B run name; null = the run_dir's name.")
+
+
+@dataclass
+class Config:
+    run_dir: str = _opt("runs/default", "Where checkpoints, samples, metrics and the W&B run go.")
+    seed: int = _opt(0, "Base seed; each rank adds its rank.", min=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and validation.
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Build a Config from a YAML file (optional) and `dotted.key=value` overrides, then validate."""
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict, cls=Config, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(prefix + k for k in fields)
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known keys here: {known})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(raw[name], hint, prefix + name + ".")
+        else:
+            values[name] = _check_value(prefix + name, raw[name], hint, f.metadata)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}': expected {base.__name__}, got null")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    # bool is a subclass of int; `steps: true` must not pass as 1.
+    if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}': expected {base.__name__}, got {type(value).__name__} {value!r}")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = "|".join("null" if c is None else str(c) for c in meta["choices"])
+        raise ConfigError(f"config key '{key}': expected one of {allowed}, got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"config key '{key}': expected a value >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"config key '{key}': expected a value <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}': cannot read it ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}': not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': expected dotted.key=value")
+    try:
+        # YAML typing gives `steps=10` an int, `lr=2e-4` a float, `entity=null` None, as in the files.
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "2e-4" as a string.
+    return key, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity")
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: Path, extra: Optional[dict] = None) -> None:
+    """Write the resolved config (plus run facts such as world_size) atomically."""
+    from dcgan_dist.fsutil import atomic_write_text
+
+    data = cfg.to_dict()
+    data.update(extra or {})
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def describe() -> str:
+    """The config reference, generated from the schema (used by the README and `train.py --help`)."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], prefix + f.name + ".")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else None
+                lines.append(f"{prefix + f.name:28s} {default!s:18s} {f.metadata['help']}")
+
+    walk(Config, "")
+    return "\n".join(lines)

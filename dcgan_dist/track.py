@@ -1,0 +1,127 @@
+"""Everything a user watches: metrics.jsonl, the progress bar, sample PNGs and W&B.
+
+Only global rank 0 does any of it; on other ranks every method is a no-op. Nothing here may stop
+training: a failing W&B call is reported once and W&B is switched off for the rest of the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from dcgan_dist.config import Config
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict: dict) -> Optional[str]:
+    """Start the W&B run on rank 0 through Accelerate's tracker. Returns the mode it ended up in."""
+    if cfg.wandb.mode == "disabled" or not accelerator.is_main_process:
+        return None
+    mode = cfg.wandb.mode
+    if mode == "online" and not has_wandb_credentials():
+        _warn("wandb.mode=online but no W&B API key (WANDB_API_KEY or ~/.netrc); logging offline to "
+              f"{cfg.run_dir}/wandb instead; upload later with `wandb sync`")
+        mode = "offline"
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
+        import wandb
+
+        kwargs = dict(mode=attempt, dir=str(Path(cfg.run_dir).resolve()), id=run_id, resume="allow",
+                      entity=cfg.wandb.entity, name=cfg.wandb.name or Path(cfg.run_dir).name,
+                      # Never prompt, never wait long for a network that is not there.
+                      settings=wandb.Settings(init_timeout=60, console="off", silent=True))
+        try:
+            accelerator.init_trackers(cfg.wandb.project, config=config_dict, init_kwargs={"wandb": kwargs})
+            return attempt
+        except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
+            accelerator.trackers = []
+            _warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+    _warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
+    return None
+
+
+class Tracker:
+    """Rank-0 sink for scalars and images. `enabled=False` on other ranks."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, start_step: int, wandb_mode: Optional[str]):
+        self.acc = accelerator
+        self.enabled = accelerator.is_main_process
+        self.use_wandb = self.enabled and wandb_mode is not None
+        self.run_dir = Path(cfg.run_dir)
+        self.samples_dir = self.run_dir / "samples"
+        self.bar = None
+        if self.enabled:
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            # Append: a resumed run continues the same file.
+            self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            desc="training", smoothing=0.05, mininterval=1.0)
+        self.t0 = time.time()
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                                for k, v in values.items()}, "time": round(time.time() - self.t0, 3)}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.bar.set_postfix(kimg=f"{values['kimg']:.1f}", img_s=f"{values['images_per_s']:.0f}",
+                             loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}", refresh=False)
+        self._wandb(lambda: self.acc.log({f"train/{k}": v for k, v in values.items()}, step=step))
+
+    def images(self, step: int, name: str, images: torch.Tensor, filename: str) -> Path:
+        """Save a grid of images in [-1, 1] to samples/<filename> and send it to W&B."""
+        if not self.enabled:
+            return None
+        grid = make_grid(images.detach().float().cpu(), nrow=int(math.sqrt(len(images)) + 0.5),
+                         normalize=True, value_range=(-1, 1))
+        path = self.samples_dir / filename
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        save_image(grid, tmp)
+        os.replace(tmp, path)
+        if self.use_wandb:
+            import wandb
+
+            self._wandb(lambda: self.acc.get_tracker("wandb", unwrap=True).log(
+                {name: wandb.Image(str(path), caption=f"step {step}")}, step=step))
+        return path
+
+    def _wandb(self, call) -> None:
+        if not self.use_wandb:
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001
+            self.use_wandb = False
+            _warn(f"W&B logging failed ({type(exc).__name__}: {exc}); continuing without W&B")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            self.metrics.close()

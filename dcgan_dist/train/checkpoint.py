@@ -1,0 +1,102 @@
+"""Full training state on disk: save atomically, find the latest complete one, rotate.
+
+Layout: run_dir/checkpoints/step-00001000/ holds Accelerate's state (both models, both optimizers, the
+grad scaler, every rank's RNG states), `trainer_state.json` (step, kimg, W&B run id, ...),
+`replicas.json` (per-rank parameter digests) and, last, the marker `COMPLETE`.
+
+A save goes to `.tmp-step-XXXXXXXX/` and is renamed into place only after every file is written and
+fsynced, so a kill at any moment leaves either the old set or the new one, never a half checkpoint
+under a real name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from accelerate import Accelerator
+
+from dcgan_dist.fsutil import atomic_write_text, fsync_dir
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step-{step:08d}"
+
+
+def list_complete(run_dir: str | Path, warn: bool = False) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first. Incomplete ones are skipped."""
+    root = checkpoint_root(run_dir)
+    found = []
+    for path in sorted(root.glob("step-*")) if root.is_dir() else []:
+        m = _NAME.match(path.name)
+        if not m:
+            continue
+        if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
+            if warn:
+                print(f"warning: skipping incomplete checkpoint {path}", file=sys.stderr)
+            continue
+        found.append((int(m.group(1)), path))
+    return found
+
+
+def latest(run_dir: str | Path, warn: bool = True) -> Optional[Path]:
+    done = list_complete(run_dir, warn=warn)
+    return done[-1][1] if done else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for sub in sorted(path.rglob("*")):
+        if sub.is_file():
+            with open(sub, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, replicas: dict,
+         keep: int) -> Path:
+    """Collective: every rank must call it. Rank 0 finalises, renames and rotates."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)      # left over from a save killed half-way
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+        atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
+        _fsync_tree(tmp)
+        atomic_write_text(tmp / MARKER, f"step {step}\n")
+        if final.exists():                          # a re-save of the same step (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        rotate(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints. Never touches the newest one."""
+    done = list_complete(run_dir)
+    for _, path in done[:-max(1, keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load(accelerator: Accelerator, path: Path) -> dict:
+    """Restore models, optimizers, scaler and this rank's RNG states; return trainer_state."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,107 @@
+"""The one place that knows about Accelerate: ranks, devices, precision, process groups, shutdown.
+
+Everything else gets an `Accelerator` from `build_accelerator` and asks it for rank/device; models and
+losses never see it.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import sys
+from datetime import timedelta
+from typing import Optional
+
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+
+from dcgan_dist.config import Config, ConfigError
+
+
+def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optional[str]) -> str:
+    """`accelerate launch --mixed_precision` (or its config file) wins; the config key may only agree."""
+    if launcher_value is None:
+        return config_value or "no"
+    if config_value is not None and config_value != launcher_value:
+        raise ConfigError(f"config key 'train.mixed_precision': is {config_value!r} but accelerate launch "
+                          f"says {launcher_value!r}; drop the key or make them agree")
+    return launcher_value
+
+
+# torch deprecates broadcast_buffers for forward_sync_buffers, whose False still syncs at init; we want
+# exactly broadcast_buffers=False semantics, so keep it and keep the log clean.
+warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    accelerator = Accelerator(
+        # Without cpu=True a multi-machine CPU job silently becomes N standalone processes (PITFALLS 2).
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        log_with="wandb" if cfg.wandb.mode != "disabled" else None,
+        project_dir=cfg.run_dir,
+        kwargs_handlers=[
+            # D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks
+            # autograd on CUDA (PITFALLS 11). Each rank keeps its own BN running stats instead.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+        ],
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
+                           "on CPU, launch with --multi_gpu --num_processes N (see README)")
+    if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
+        print("warning: fp16 on CPU runs in fp32 without a GradScaler; use --mixed_precision bf16",
+              file=sys.stderr)
+    return accelerator
+
+
+def describe(accelerator: Accelerator, batch_per_rank: int) -> str:
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (f"world_size={accelerator.num_processes} device={device} ({name}) "
+            f"mixed_precision={accelerator.mixed_precision} backend={accelerator.state.backend or 'none'} "
+            f"batch_per_rank={batch_per_rank} global_batch={batch_per_rank * accelerator.num_processes}")
+
+
+def parameter_digests(models: dict[str, torch.nn.Module]) -> dict[str, str]:
+    out = {}
+    for model_name, model in models.items():
+        for name, p in model.named_parameters():
+            data = p.detach().float().cpu().contiguous().numpy().tobytes()
+            out[f"{model_name}.{name}"] = hashlib.sha256(data).hexdigest()[:16]
+    return out
+
+
+def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module]) -> dict:
+    """Compare every parameter across ranks (all ranks get the result, so all raise together).
+
+    Returns {"ranks": N, "digest": {rank: combined digest}} for the checkpoint. DDP keeps replicas equal
+    by construction; a mismatch means a bug or a corrupted rank, and training on would be wasted.
+    """
+    mine = parameter_digests(models)
+    everyone = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    for name, digest in mine.items():
+        for rank, theirs in enumerate(everyone):
+            if theirs.get(name) != digest:
+                raise RuntimeError(f"DDP replicas diverged: parameter '{name}' differs between rank "
+                                   f"{accelerator.process_index} and rank {rank}")
+    combined = [hashlib.sha256("".join(d.values()).encode()).hexdigest()[:16] for d in everyone]
+    return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
+
+
+def shutdown(accelerator: Accelerator, owners: list) -> None:
+    """Free everything DDP-wrapped before end_training: gloo aborts at exit otherwise (PITFALLS 3)."""
+    for owner in owners:
+        owner.clear()
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.free_memory()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

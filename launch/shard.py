@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Turn CelebA (aligned folder or zip, or any image folder) into webdataset tar shards + manifest.json.
+
+    python launch/shard.py --input /data/celeba --output /data/celeba64 --resolution 64 --split train
+"""
+import argparse
+import os
+
+from dcgan_dist.data.celeba import SPLITS, open_source
+from dcgan_dist.data.shards import write_shards
+from dcgan_dist.errors import UserError, main_guard
+
+
+@main_guard
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="CelebA folder (or its parent), or a folder of images")
+    p.add_argument("--output", required=True, help="folder for the .tar shards and manifest.json")
+    p.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--split", default="train", choices=(*SPLITS, "all"))
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoder processes")
+    p.add_argument("--max-skip-fraction", type=float, default=0.01,
+                   help="fail if more than this fraction of images is unreadable (default 0.01)")
+    args = p.parse_args()
+    if args.shard_size < 1 or args.workers < 1:
+        raise UserError("--shard-size and --workers: expected positive integers")
+    source = open_source(args.input, args.split)
+    manifest = write_shards(source, args.output, args.resolution, args.split, args.shard_size,
+                            args.workers, args.max_skip_fraction)
+    print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards to {args.output} "
+          f"(skipped {manifest['skipped']['count']}, missing {manifest['missing']['count']})")
+
+
+if __name__ == "__main__":
+    main()
