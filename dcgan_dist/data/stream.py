@@ -13,6 +13,7 @@ the same as those of an uninterrupted run.
 """
 from __future__ import annotations
 
+import io
 import sys
 from typing import Iterator
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
+from PIL import Image
 
 
 def iter_tar(path: str) -> Iterator[dict]:
@@ -87,13 +88,15 @@ class BatchStream(IterableDataset):
         while i < self.batch_size:
             data = next(samples)
             try:
-                img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError as exc:
+                # PIL, not torchvision.io: torchvision 0.29 deprecates its decoders.
+                img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except (OSError, ValueError) as exc:
                 print(f"warning: skipping undecodable image in stream: {exc}", file=sys.stderr)
                 continue
-            if img.shape != out.shape[1:]:
-                raise ValueError(f"shard image has shape {tuple(img.shape)}, expected {tuple(out.shape[1:])}")
-            out[i] = img
+            if img.shape != (self.resolution, self.resolution, 3):
+                raise ValueError(f"shard image is {img.shape[1]}x{img.shape[0]}, expected "
+                                 f"{self.resolution}x{self.resolution}: shards and manifest disagree")
+            out[i] = torch.from_numpy(img).permute(2, 0, 1)
             i += 1
         return out
 

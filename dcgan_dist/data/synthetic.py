@@ -126,9 +126,10 @@ def draw_face(seed: int, index: int, who: Identity) -> tuple[Image.Image, dict[s
     return img, a
 
 
-def identity_of_index(index: int, num_identities: int, seed: int) -> int:
-    # CelebA has ~20 images per identity; a fixed hash keeps it deterministic and spread out.
-    return 1 + int(np.random.default_rng([seed, 3, index]).integers(0, num_identities))
+def identity_of_index(index: int, seed: int) -> int:
+    # CelebA has ~20 images per identity, scattered. Each block of 1000 images draws from its own 50
+    # identities, so image i is the same whatever the total count.
+    return 1 + (index // 1000) * 50 + int(np.random.default_rng([seed, 3, index]).integers(0, 50))
 
 
 def write_celeba(output: Path, num: int, seed: int = 0, progress: bool = True) -> Path:
@@ -137,12 +138,11 @@ def write_celeba(output: Path, num: int, seed: int = 0, progress: bool = True) -
     root = Path(output) / "celeba"
     images = root / "img_align_celeba"
     images.mkdir(parents=True, exist_ok=True)
-    num_ids = max(1, num // 20)
     identities = {}
     attr_rows, part_rows, id_rows = [], [], []
     for i in tqdm(range(num), desc="drawing faces", unit="img", disable=not progress):
         name = f"{i + 1:06d}.jpg"
-        ident = identity_of_index(i, num_ids, seed)
+        ident = identity_of_index(i, seed)
         if ident not in identities:
             identities[ident] = _identity(seed, ident)
         img, attrs = draw_face(seed, i, identities[ident])

@@ -1,0 +1,45 @@
+"""Shared fixtures: a small synthetic CelebA (real JPEGs, real metadata files) and real tar shards."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcgan_dist.data.celeba import open_source
+from dcgan_dist.data.shards import write_shards
+from dcgan_dist.data.synthetic import write_celeba
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def celeba_parent(tmp_path_factory) -> Path:
+    parent = tmp_path_factory.mktemp("synthetic")
+    write_celeba(parent, num=240, seed=0, progress=False)
+    return parent
+
+
+@pytest.fixture(scope="session")
+def shards32(celeba_parent, tmp_path_factory) -> Path:
+    """The train split (~193 images) at 32 px in uneven shards of 50: 50, 50, 50, 43."""
+    out = tmp_path_factory.mktemp("shards32")
+    write_shards(open_source(celeba_parent, "train"), out, resolution=32, split="train", shard_size=50,
+                 workers=2, progress=False)
+    return out
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """`env`, when given, is the whole environment (so a test can take variables away)."""
+    full_env = {"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(os.environ if env is None else env)}
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, **kw)
+
+
+def accelerate_launch(args: list, num_processes: int = 2, **kw) -> subprocess.CompletedProcess:
+    """The real launcher, as a user types it (torchrun underneath, gloo on CPU)."""
+    return run([BIN / "accelerate", "launch", "--config_file", ROOT / "configs/accelerate/cpu_2proc.yaml",
+                "--num_processes", num_processes, *args], **kw)

@@ -1,0 +1,83 @@
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, run
+from dcgan_dist.config import ConfigError, load_config, save_config
+from dcgan_dist.train.dist import resolve_mixed_precision
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_shipped_configs_load():
+    for name in ("celeba64", "demo"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.model.resolution == 64
+    paper = load_config(ROOT / "configs/celeba64.yaml")
+    assert (paper.optim.lr, paper.optim.beta1, paper.model.nz, paper.model.ngf, paper.model.ndf) == \
+        (2e-4, 0.5, 100, 64, 64)
+
+
+def test_overrides_typed_like_yaml():
+    cfg = load_config(None, ["train.steps=10", "optim.lr=2e-4", "wandb.entity=null", "data.shards=/x/y",
+                             "train.channels_last=false"])
+    assert cfg.train.steps == 10 and cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.wandb.entity is None and cfg.data.shards == "/x/y" and cfg.train.channels_last is False
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.stepz=3"], "train.stepz"),
+    (["nope=1"], "nope"),
+    (["data.batch_size=big"], "data.batch_size"),
+    (["train.steps=1.5"], "train.steps"),
+    (["train.steps=true"], "train.steps"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.batch_size=-4"], "data.batch_size"),
+    (["model.resolution=48"], "model.resolution"),
+    (["wandb.mode=sometimes"], "wandb.mode"),
+    (["optim.beta1=1.5"], "optim.beta1"),
+    (["train=3"], "train"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert f"'{key}'" in str(exc.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'model.ngff'"):
+        load_config(write(tmp_path, {"model": {"ngff": 3}}))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=7", "model.ngf=8"])
+    save_config(cfg, tmp_path / "config.yaml", extra={"world_size": 4})
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["world_size"] == 4
+    del saved["world_size"]
+    assert load_config(write(tmp_path, saved)) == cfg
+
+
+def test_mixed_precision_follows_launcher():
+    assert resolve_mixed_precision(None, "bf16") == "bf16"
+    assert resolve_mixed_precision("bf16", "bf16") == "bf16"
+    assert resolve_mixed_precision("fp16", None) == "fp16"
+    assert resolve_mixed_precision(None, None) == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        resolve_mixed_precision("fp16", "bf16")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train.steps=-1"], "'train.steps'"),
+    (["data.workers=2"], "'data.workers'"),
+])
+def test_cli_error_is_one_line_and_exit_2(args, needle):
+    out = run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *args], timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]

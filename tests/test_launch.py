@@ -1,0 +1,123 @@
+"""Real `accelerate launch` with 2 gloo ranks on real shards, bf16, W&B offline read back from disk."""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import accelerate_launch, run
+from wandb_file import config as wandb_config
+from wandb_file import history, run_ids
+
+
+def tiny(shards, run_dir, steps=12):
+    return ["launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run_dir={run_dir}",
+            "model.resolution=32", "model.ngf=16", "model.ndf=16", "data.batch_size=16",
+            "data.shuffle_buffer=64", f"train.steps={steps}", "train.log_every=4", "train.sample_every=6",
+            "train.ckpt_every=6", "train.num_samples=16"]
+
+
+@pytest.fixture(scope="module")
+def trained(shards32, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    out = accelerate_launch(tiny(shards32, run_dir), timeout=400)
+    return run_dir, out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wandb_file(run_dir: Path) -> Path:
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_two_ranks_exit_0_and_write_run(trained):
+    run_dir, out = trained
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("dcgan-dist: world_size=2") == 1          # rank 0 speaks, rank 1 is quiet
+    assert "backend=gloo" in out.stdout and "mixed_precision=bf16" in out.stdout
+    ckpt = run_dir / "checkpoints" / "step-00000012"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "model.safetensors").is_file()
+    assert (ckpt / "random_states_1.pkl").is_file()                 # every rank's RNG is saved
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000006", "step-00000012"]
+    for name in ("reals.png", "fakes-00000000.png", "fakes-00000012.png", "real_vs_fake.png",
+                 "loss_curves.png", "progress.gif"):
+        assert (run_dir / "samples" / name).stat().st_size > 0, name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["world_size"] == 2 and saved["mixed_precision"] == "bf16" and saved["model"]["ngf"] == 16
+
+
+def test_metrics_are_finite_at_every_log_step(trained):
+    rows = metrics(trained[0])
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for r in rows:
+        for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "time"):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 and r["images_per_s"] > 0
+    assert rows[-1]["kimg"] == pytest.approx(12 * 32 / 1000)        # global batch = 2 ranks x 16
+
+
+def test_wandb_offline_run_holds_losses_images_and_config(trained):
+    run_dir, _ = trained
+    rows = history(wandb_file(run_dir))
+    logged = {r["_step"]: r["train/loss_d"] for r in rows if "train/loss_d" in r}
+    expected = {r["step"]: r["loss_d"] for r in metrics(run_dir)}
+    assert logged.keys() == expected.keys()
+    assert all(logged[s] == pytest.approx(expected[s], abs=1e-5) for s in expected)
+    images = [r for r in rows if r.get("samples/fake", {}).get("_type") == "image-file"
+              or r.get("samples/fake/_type") == "image-file"]
+    assert len(images) >= 3
+    cfg = wandb_config(wandb_file(run_dir))
+    assert cfg["world_size"] == 2 and cfg["model"]["resolution"] == 32
+
+
+def test_parameters_identical_on_both_ranks(trained):
+    replicas = json.loads((trained[0] / "checkpoints/step-00000012/replicas.json").read_text())
+    assert replicas["ranks"] == 2
+    assert replicas["digest"]["0"] == replicas["digest"]["1"]
+
+
+def test_replica_check_fails_on_a_real_mismatch(tmp_path):
+    out = accelerate_launch(["tests/scripts/diverge.py", tmp_path], timeout=200)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("differs between rank") == 2
+
+
+def test_rerun_resumes_and_appends(trained, shards32):
+    run_dir, first = trained
+    assert first.returncode == 0
+    out = accelerate_launch(tiny(shards32, run_dir, steps=16), timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stdout and "step-00000012" in out.stdout
+    assert [r["step"] for r in metrics(run_dir)] == [4, 8, 12, 16]
+    assert (run_dir / "checkpoints/step-00000016/COMPLETE").is_file()
+    assert len({run_id for f in run_dir.glob("wandb/offline-run-*/run-*.wandb") for run_id in run_ids(f)}) == 1
+
+
+def test_online_without_key_falls_back_to_offline(shards32, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true")
+    args = tiny(shards32, tmp_path / "run", steps=2) + ["wandb.mode=online", "train.log_every=1"]
+    out = run([sys.executable, *args], timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    warnings = [ln for ln in out.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "offline" in warnings[0]
+    assert len(history(wandb_file(tmp_path / "run"))) >= 2
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.resolution=64", "'model.resolution' is 64 but the shards"),
+    ("data.batch_size=500", "'data.batch_size' is 500, larger than the 193 images"),
+    ("data.shards=/nonexistent", "no such directory"),
+])
+def test_bad_run_inputs_fail_fast_with_one_line(shards32, tmp_path, override, needle):
+    out = run([sys.executable, *tiny(shards32, tmp_path / "run"), override], timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
