@@ -81,3 +81,22 @@ def test_cli_error_is_one_line_and_exit_2(args, needle):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+    import typing
+
+    from dcgan_dist.config import Config
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}"

@@ -96,7 +96,7 @@ class BatchStream(IterableDataset):
             if img.shape != (self.resolution, self.resolution, 3):
                 raise ValueError(f"shard image is {img.shape[1]}x{img.shape[0]}, expected "
                                  f"{self.resolution}x{self.resolution}: shards and manifest disagree")
-            out[i] = torch.from_numpy(img).permute(2, 0, 1)
+            out[i] = torch.from_numpy(img.copy()).permute(2, 0, 1)
             i += 1
         return out
 

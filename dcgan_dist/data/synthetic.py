@@ -69,8 +69,11 @@ def draw_face(seed: int, index: int, who: Identity) -> tuple[Image.Image, dict[s
     """One 178x218 RGB image and its attributes (1/0), deterministic in (seed, index)."""
     rng = np.random.default_rng([seed, 2, index])
     a = _attributes(rng, who)
-    bg = rng.integers(40, 230, 3)
-    img = Image.new("RGB", (WIDTH, HEIGHT), tuple(int(c) for c in bg))
+    # Muted backdrop lit from above: a vertical gradient, as in studio and street photos.
+    top, bottom = rng.uniform(70, 210, 3), rng.uniform(40, 170, 3)
+    ramp = np.linspace(0.0, 1.0, HEIGHT)[:, None, None]
+    backdrop = (top * (1 - ramp) + bottom * ramp) * np.ones((1, WIDTH, 1))
+    img = Image.fromarray(backdrop.astype(np.uint8))
     d = ImageDraw.Draw(img)
     cx, cy = WIDTH / 2 + rng.normal(0, 2), 122 + rng.normal(0, 2)  # CelebA aligns eyes near y = 112
     fw, fh = who.face_w * rng.uniform(0.96, 1.04), who.face_h * rng.uniform(0.96, 1.04)
@@ -120,10 +123,14 @@ def draw_face(seed: int, index: int, who: Identity) -> tuple[Image.Image, dict[s
         if a["Mouth_Slightly_Open"]:
             d.rectangle([cx - mw + 3, my, cx + mw - 3, my + 3], fill=(40, 10, 15))
 
-    img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.4, 1.2))))
-    noise = rng.normal(0, 4, (HEIGHT, WIDTH, 3))
-    img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
-    return img, a
+    # Soft edges, like a photo's optics; no pixel noise, which a small D learns to spot long before G
+    # can learn to make it, and which then stalls the demo's short run.
+    # Soft light from one side and soft edges, like a photo's lighting and optics. No per-pixel noise:
+    # a small D spots it long before G can make it, which stalls the demo's short run.
+    side = rng.choice([-1.0, 1.0]) * np.linspace(-1.0, 1.0, WIDTH)[None, :, None]
+    lit = np.asarray(img, np.float32) * (1.0 + 0.12 * side)
+    img = Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8))
+    return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.6, 1.4)))), a
 
 
 def identity_of_index(index: int, seed: int) -> int:
