@@ -60,8 +60,12 @@ class TrainConfig:
               "a value that conflicts with the launcher is an error.", choices=(None, "no", "fp16", "bf16"))
     channels_last: bool = _opt(True, "NHWC memory layout: faster convolutions on AMX CPUs and tensor cores.")
     num_samples: int = _opt(64, "Images in each fixed-noise sample grid.", min=1, max=1024)
-    collective_timeout_s: int = _opt(600, "Seconds a collective may wait for a peer before the job fails.",
+    collective_timeout_s: int = _opt(300, "Seconds a collective may wait for a peer before the job fails.",
                                      min=10)
+    nonfinite: str = _opt("stop", "On a NaN/inf loss: stop (naming the step; the last good checkpoint is "
+                                  "kept) or skip the update and count it.", choices=("stop", "skip"))
+    max_consecutive_skips: int = _opt(20, "With nonfinite=skip (or fp16 scaler skips): give up after this "
+                                          "many skipped updates in a row.", min=1)
 
 
 @dataclass

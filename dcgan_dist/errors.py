@@ -1,7 +1,8 @@
-"""User errors: bad input that deserves one clear line and a non-zero exit, not a traceback."""
+"""Errors that deserve one clear line and a non-zero exit, not a traceback."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -11,15 +12,25 @@ class UserError(Exception):
     exit_code = 1
 
 
+class RunStopped(UserError):
+    """Training cannot go on (non-finite losses, unreadable data); the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
 def main_guard(fn):
-    """Wrap a launch script's main(): a UserError prints `error: <message>` and exits with its code."""
+    """Wrap a launch script's main(): a UserError prints `error: <message>` once and exits with its code.
+
+    Under a multi-rank launch every rank usually hits the same error; only global rank 0 prints it.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(exc.exit_code)
 
     return wrapper

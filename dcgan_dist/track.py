@@ -20,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from dcgan_dist.config import Config
+from dcgan_dist.fsutil import atomic_write_text
 
 
 def _warn(msg: str) -> None:
@@ -62,6 +63,24 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
     return None
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop metric lines past `step`: a run killed after its last checkpoint logged steps that the
+    resumed run will log again (with the same values), and each step should appear once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if ln.strip() and _step_of(ln) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62            # a line torn by a kill mid-write: drop it
+
+
 class Tracker:
     """Rank-0 sink for scalars and images. `enabled=False` on other ranks."""
 
@@ -74,11 +93,17 @@ class Tracker:
         self.bar = None
         if self.enabled:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
+            metrics_path = self.run_dir / "metrics.jsonl"
+            _truncate_after(metrics_path, start_step)
             # Append: a resumed run continues the same file.
-            self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self.metrics = open(metrics_path, "a", buffering=1)
             self.bar = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="training", smoothing=0.05, mininterval=1.0)
         self.t0 = time.time()
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            print(f"\ndcgan-dist: {message}", file=sys.stderr, flush=True)
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:

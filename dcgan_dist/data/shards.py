@@ -171,3 +171,22 @@ def read_manifest(shards_dir: Path) -> dict:
 def shard_paths(shards_dir: Path, manifest: Optional[dict] = None) -> list[str]:
     manifest = manifest or read_manifest(shards_dir)
     return [str(Path(shards_dir) / e["name"]) for e in manifest["shards"]]
+
+
+def verify_shards(shards_dir: Path, manifest: dict) -> list[str]:
+    """Check every shard's sha256 against the manifest; warn for each mismatch and return their names.
+
+    Training goes on: the loader skips what it cannot read and counts it (`data_errors` in the metrics).
+    """
+    bad = []
+    for entry in manifest["shards"]:
+        digest = hashlib.sha256()
+        with open(Path(shards_dir) / entry["name"], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            bad.append(entry["name"])
+            print(f"warning: shard '{Path(shards_dir) / entry['name']}' does not match the sha256 in its "
+                  "manifest (corrupt or changed since sharding); unreadable samples will be skipped and "
+                  "counted as data_errors", file=sys.stderr, flush=True)
+    return bad

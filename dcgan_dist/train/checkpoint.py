@@ -15,11 +15,14 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_text, fsync_dir
 
 MARKER = "COMPLETE"
@@ -74,6 +77,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
+    _fault_injection_pause(step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
@@ -89,6 +93,13 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
     return final
 
 
+def _fault_injection_pause(step: int) -> None:
+    """DCGAN_FAULT_SLOW_SAVE=STEP:SECONDS holds the save of STEP half done, for the kill-during-save test."""
+    spec = os.environ.get("DCGAN_FAULT_SLOW_SAVE", "")
+    if spec and int(spec.split(":")[0]) == step:
+        time.sleep(float(spec.split(":")[1]))
+
+
 def rotate(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints. Never touches the newest one."""
     done = list_complete(run_dir)
@@ -98,5 +109,31 @@ def rotate(run_dir: str | Path, keep: int) -> None:
 
 def load(accelerator: Accelerator, path: Path) -> dict:
     """Restore models, optimizers, scaler and this rank's RNG states; return trainer_state."""
+    state = json.loads((path / STATE_FILE).read_text())
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    return state
+
+
+def resume(accelerator: Accelerator, run_dir: str | Path) -> tuple[Optional[Path], Optional[dict]]:
+    """Load the newest checkpoint that every rank can read; skip (and name) the ones that fail.
+
+    Ranks agree after each try, so they never resume from different checkpoints. If checkpoints exist
+    but none loads, stop rather than silently start over and rotate the user's checkpoints away.
+    """
+    candidates = list_complete(run_dir, warn=accelerator.is_main_process)
+    for _, path in reversed(candidates):
+        try:
+            state, error = load(accelerator, path), None
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign files
+            state, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+        if not any(errors):
+            return path, state
+        if accelerator.is_main_process:
+            reason = next(e for e in errors if e)
+            print(f"warning: skipping unreadable checkpoint {path} ({reason}); trying the one before",
+                  file=sys.stderr, flush=True)
+    if candidates:
+        raise UserError(f"no loadable checkpoint in '{checkpoint_root(run_dir)}' (tried "
+                        f"{len(candidates)}); move them away to start over")
+    return None, None

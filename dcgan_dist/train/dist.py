@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import signal
 import sys
 from datetime import timedelta
 from typing import Optional
@@ -95,13 +96,72 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
 
 
-def shutdown(accelerator: Accelerator, owners: list) -> None:
-    """Free everything DDP-wrapped before end_training: gloo aborts at exit otherwise (PITFALLS 3)."""
+def all_min(accelerator: Accelerator, value: torch.Tensor) -> int:
+    """The minimum of an integer tensor over all ranks, as a Python int (a sync)."""
+    value = value.clone()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MIN)
+    return int(value.item())
+
+
+def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None:
+    """Free everything DDP-wrapped before end_training: gloo aborts at exit otherwise (PITFALLS 3).
+
+    After an error (`clean=False`) skip the barrier: the other ranks may be stuck in a collective, and
+    exiting at once lets torchrun notice and stop them.
+    """
     for owner in owners:
         owner.clear()
     gc.collect()
-    accelerator.wait_for_everyone()
+    if clean:
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.free_memory()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT on any rank -> every rank stops at the same step boundary.
+
+    The handler only sets a flag. Ranks agree on it with a tiny all-reduce on a CPU (gloo) group, issued
+    asynchronously at one step boundary and read at the next, so it never waits on the GPU or the
+    network inside a step. All ranks therefore see the same answer at the same step. A second signal
+    of the same kind restores the default behaviour (a second Ctrl-C kills at once).
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.requested: Optional[int] = None
+        self.world = accelerator.num_processes
+        self.group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self.pending = None
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested == signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.requested = signum
+        print(f"\n[rank {os.environ.get('RANK', '0')}] got {signal.Signals(signum).name}: "
+              "stopping at the next step boundary with a checkpoint", file=sys.stderr, flush=True)
+
+    def poll(self) -> bool:
+        """Call once per step on every rank. True means: all ranks stop now."""
+        if self.group is None:
+            return self.requested is not None
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([0 if self.requested is None else 1], dtype=torch.int32)
+        self.pending = (torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group,
+                                                     async_op=True), flag)
+        return stop
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,175 @@
+"""Faults with real processes and real signals: kill -9 of the whole job, of one rank, during a save;
+SIGTERM; and exact resume compared with an uninterrupted run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, ROOT
+
+
+def fp32_args(shards, run_dir, steps=24, **over):
+    keys = {"data.shards": shards, "run_dir": run_dir, "model.resolution": 32, "model.ngf": 8,
+            "model.ndf": 8, "data.batch_size": 8, "data.num_workers": 1, "data.shuffle_buffer": 32,
+            "train.steps": steps, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 3,
+            "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", **over}
+    return ["--mixed_precision", "no", "launch/train.py", "--config", "configs/demo.yaml",
+            *[f"{k}={v}" for k, v in keys.items()]]
+
+
+def launch_cmd(args, num_processes=2):
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+            "--num_processes", str(num_processes), *map(str, args)]
+
+
+def start(args, env=None) -> subprocess.Popen:
+    """Start a 2-rank job in its own process group, so that kill -9 can take all of it at once."""
+    return subprocess.Popen(launch_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "WANDB_SILENT": "true", **(env or {})})
+
+
+def wait_for(predicate, proc, timeout=120.0, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc={proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}")]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """The training ranks under the launcher, by global rank (read from their environment). Their own
+    DataLoader workers share the command line and environment, so take only the topmost ones."""
+    out = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RANK" in child.environ() and "RANK" not in child.parent().environ():
+                out[int(child.environ()["RANK"])] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            continue
+    return out
+
+
+def finish(args, timeout=300) -> subprocess.CompletedProcess:
+    out = subprocess.run(launch_cmd(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards32, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    finish(fp32_args(shards32, run_dir))
+    return metrics(run_dir)
+
+
+def assert_same_trace(got: list[dict], expected: list[dict], note: str) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in expected], note
+    for a, b in zip(got, expected):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+            assert abs(a[key] - b[key]) <= 1e-5, f"{note}: step {a['step']} {key} {a[key]} != {b[key]}"
+
+
+def test_kill9_whole_job_at_random_points_then_resume_exactly(shards32, tmp_path, uninterrupted):
+    seed = int(os.environ.get("DCGAN_TEST_SEED", time.time()))
+    rng = random.Random(seed)
+    kill_points = sorted(rng.sample(range(2, 22), 3))
+    run_dir = tmp_path / "run"
+    args = fp32_args(shards32, run_dir)
+    for k in kill_points:
+        proc = start(args)
+        wait_for(lambda: last_step(run_dir) >= k, proc, what=f"step {k}")
+        kill_group(proc)
+    out = finish(args)
+    assert "resuming from" in out.stdout
+    assert_same_trace(metrics(run_dir), uninterrupted, f"kill points {kill_points} (DCGAN_TEST_SEED={seed})")
+
+
+def test_kill9_during_checkpoint_write_keeps_previous(shards32, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    args = fp32_args(shards32, run_dir)
+    proc = start(args, env={"DCGAN_FAULT_SLOW_SAVE": "6:60"})      # hold the step-6 save half written
+    half_done = run_dir / "checkpoints" / ".tmp-step-00000006"
+    wait_for(lambda: (half_done / "model.safetensors").is_file(), proc, what="the step-6 save in progress")
+    kill_group(proc)
+    assert not (run_dir / "checkpoints/step-00000006").exists()
+    assert (run_dir / "checkpoints/step-00000003/COMPLETE").is_file()
+    out = finish(args)
+    assert "resuming from" in out.stdout and "step-00000003" in out.stdout
+    assert not half_done.exists()
+    assert_same_trace(metrics(run_dir), uninterrupted, "kill during save")
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped_by_name(shards32, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    args = fp32_args(shards32, run_dir, steps=9)
+    finish(args)                                   # leaves step-6 and step-9 (keep_ckpts=2)
+    corrupt = run_dir / "checkpoints/step-00000009"
+    model = corrupt / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    incomplete = run_dir / "checkpoints/step-00000012"
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"half")
+    out = finish(fp32_args(shards32, run_dir))
+    assert f"skipping incomplete checkpoint {incomplete}" in out.stderr
+    assert f"skipping unreadable checkpoint {corrupt}" in out.stderr
+    assert "resuming from" in out.stdout and "step-00000006" in out.stdout
+    assert_same_trace(metrics(run_dir), uninterrupted, "corrupt checkpoint fallback")
+
+
+def test_sigterm_on_one_rank_checkpoints_and_exits_0_then_resumes(shards32, tmp_path):
+    run_dir = tmp_path / "run"
+    args = fp32_args(shards32, run_dir, steps=100000, **{"train.ckpt_every": 100000})
+    proc = start(args)
+    wait_for(lambda: last_step(run_dir) >= 5, proc, what="step 5")
+    workers(proc)[1].send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert stopped_at >= 5 and f"stopped by signal at step {stopped_at}" in stderr
+    out = finish(fp32_args(shards32, run_dir, steps=stopped_at + 3))
+    assert f"step-{stopped_at:08d}" in out.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 4))
+
+
+def test_kill9_of_one_rank_fails_the_job_fast(shards32, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(fp32_args(shards32, run_dir, steps=100000))
+    wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
+    t0 = time.time()
+    workers(proc)[1].kill()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode != 0 and time.time() - t0 < 60
