@@ -29,8 +29,11 @@ def main_guard(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(exc.exit_code)
+            message, code = str(exc), exc.exit_code
+        # Exit outside the except block: the traceback (and any loader workers its frames hold) is freed
+        # first, so interpreter shutdown never waits on a worker that nobody will stop.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
     return wrapper

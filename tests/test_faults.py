@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,3 +174,11 @@ def test_kill9_of_one_rank_fails_the_job_fast(shards32, tmp_path):
         if proc.poll() is None:
             kill_group(proc)
     assert proc.returncode != 0 and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_twenty_consecutive_two_rank_runs_exit_0(shards32):
+    out = subprocess.run([sys.executable, "benchmarks/repeat_runs.py", "--shards", str(shards32), "--runs", "20"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["exit_0"] == 20, out.stdout + out.stderr[-3000:]

@@ -164,3 +164,11 @@ def next_batch(batches: Iterator) -> tuple[torch.Tensor, int]:
     except RunStopped as exc:
         message = str(exc).strip().splitlines()[-1]
         raise RunStopped(message.split("RunStopped: ", 1)[-1]) from None
+
+
+def stop_loader(batches: Iterator) -> None:
+    """Stop a loader iterator's worker processes now, even while an exception still references it;
+    left to garbage collection, interpreter exit can wait forever on a worker nobody has told to stop."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

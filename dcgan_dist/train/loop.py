@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from dcgan_dist import losses
 from dcgan_dist.config import Config, save_config
 from dcgan_dist.data.shards import read_manifest, shard_paths, verify_shards
-from dcgan_dist.data.stream import make_loader, next_batch
+from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.models import build_models
 from dcgan_dist.report import write_report
@@ -61,6 +61,14 @@ def build(accelerator: Accelerator, cfg: Config) -> dict:
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=betas)
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
     return {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d}
+
+
+def _apply_optim_config(nets: dict, cfg: Config) -> None:
+    """The config, not the checkpoint, sets lr and betas: load_state restores the saved ones, which
+    would silently ignore `optim.lr=...` given to a resumed run."""
+    for opt in (nets["opt_g"], nets["opt_d"]):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = cfg.optim.lr, (cfg.optim.beta1, cfg.optim.beta2)
 
 
 def _update(accelerator: Accelerator, opt, loss: torch.Tensor, guard: bool) -> bool:
@@ -139,6 +147,7 @@ def train(cfg: Config) -> None:
     nets = build(accelerator, cfg)
     set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
     resumed_from, trainer_state = checkpoint.resume(accelerator, cfg.run_dir)
+    _apply_optim_config(nets, cfg)
     trainer_state = trainer_state or {"step": 0, "wandb_run_id": _new_run_id()}
     start_step = trainer_state["step"]
 
@@ -163,6 +172,7 @@ def train(cfg: Config) -> None:
     finally:
         run["stop"].close()
         tracker.close()
+        stop_loader(run["batches"])
         run.clear()
         del loader
         dist.shutdown(accelerator, [nets], clean=clean)
