@@ -33,3 +33,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def probe_writable(path: Path) -> None:
+    """Create `path` if needed and prove a file can be written in it; raises OSError if not.
+
+    The probe file is unique per process: every rank runs this at start, and a shared name would let
+    one rank delete another's probe mid-check.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Item, Source, read_bytes
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_text, fsync_dir
+from dcgan_dist.fsutil import atomic_write_text, fsync_dir, probe_writable
 
 MANIFEST = "manifest.json"
 FORMAT = "dcgan-dist-shards/1"
@@ -138,10 +138,7 @@ def _finish_manifest(source: Source, output: Path, resolution: int, split: str, 
 
 def _check_writable(output: Path) -> None:
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(output)
     except OSError as exc:
         raise UserError(f"output '{output}': not writable ({exc.strerror})") from None
 

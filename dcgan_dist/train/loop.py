@@ -23,6 +23,7 @@ from dcgan_dist.config import Config, save_config
 from dcgan_dist.data.shards import read_manifest, shard_paths, verify_shards
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.errors import RunStopped, UserError
+from dcgan_dist.fsutil import probe_writable
 from dcgan_dist.models import build_models
 from dcgan_dist.report import write_report
 from dcgan_dist.track import Tracker, start_wandb
@@ -40,13 +41,10 @@ def preflight(cfg: Config) -> dict:
     if cfg.data.batch_size > manifest["count"]:
         raise UserError(f"config key 'data.batch_size' is {cfg.data.batch_size}, larger than the "
                         f"{manifest['count']} images in '{cfg.data.shards}'")
-    run_dir = Path(cfg.run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write-probe").write_bytes(b"")
-        (run_dir / ".write-probe").unlink()
+        probe_writable(Path(cfg.run_dir))
     except OSError as exc:
-        raise UserError(f"config key 'run_dir': '{run_dir}' is not writable ({exc.strerror})") from None
+        raise UserError(f"config key 'run_dir': '{cfg.run_dir}' is not writable ({exc.strerror})") from None
     return manifest
 
 
@@ -132,10 +130,13 @@ class Counters:
     skipped_d: int = 0               # D updates skipped: fp16 scaler overflow or non-finite grads
     skipped_g: int = 0
     consecutive_skips: int = 0
-    data_errors: int = 0             # unreadable samples or shard errors met by the loader
+    data_errors: int = 0             # unreadable samples or shard errors met by this rank's loader
 
-    def as_dict(self) -> dict:
-        return {"skipped_d": self.skipped_d, "skipped_g": self.skipped_g, "data_errors": self.data_errors}
+    def as_dict(self, accelerator: Accelerator) -> dict:
+        """Collective: data_errors is summed over ranks (skips agree on every rank already)."""
+        errors = torch.tensor([float(self.data_errors)], device=accelerator.device)
+        total = int(accelerator.reduce(errors, reduction="sum").item())
+        return {"skipped_d": self.skipped_d, "skipped_g": self.skipped_g, "data_errors": total}
 
 
 def train(cfg: Config) -> None:
@@ -183,7 +184,9 @@ def train(cfg: Config) -> None:
 def _loop(accelerator, cfg, nets, run, tracker, trainer_state, global_batch):
     G_local, D_local = accelerator.unwrap_model(nets["G"]), accelerator.unwrap_model(nets["D"])
     device = accelerator.device
-    counters = Counters(**{k: trainer_state.get(k, 0) for k in ("skipped_d", "skipped_g", "data_errors")})
+    # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
+    counters = Counters(skipped_d=trainer_state.get("skipped_d", 0), skipped_g=trainer_state.get("skipped_g", 0),
+                        data_errors=trainer_state.get("data_errors", 0) if accelerator.is_main_process else 0)
     fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     stats = torch.zeros(4, device=device)
@@ -198,7 +201,7 @@ def _loop(accelerator, cfg, nets, run, tracker, trainer_state, global_batch):
         _check_finite(accelerator, bad_step, stats, interval["n"], cfg.run_dir)
         replicas = dist.check_replicas(accelerator, {"G": G_local, "D": D_local})
         trainer_state.update(step=done, kimg=done * global_batch / 1000, world_size=accelerator.num_processes,
-                             **counters.as_dict())
+                             **counters.as_dict(accelerator))
         checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts)
 
     for step in range(start, cfg.train.steps):
@@ -261,7 +264,7 @@ def _log(accelerator, cfg, tracker, stats, bad_step, interval, counters, done, g
     values = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means))
     values.update(kimg=done * global_batch / 1000,
                   images_per_s=(done - interval["step"]) * global_batch / max(now - interval["t"], 1e-9),
-                  **counters.as_dict())
+                  **counters.as_dict(accelerator))
     tracker.scalars(done, values)
     stats.zero_()
     interval.update(t=now, step=done, n=0)
