@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Loader throughput: images/s up to the normalised float batch the training step consumes.
+
+    python benchmarks/data_throughput.py --shards data/shards/demo64 --batch-size 128 --num-workers 0 \
+        --batches 50 [--jpeg-root data/synthetic/celeba/img_align_celeba] [--device cpu|cuda]
+
+Ours: the real per-rank stream (tar shards -> uint8 batch) plus the on-device normalisation the loop
+does. With --jpeg-root, also the seeds' pipeline on the source JPEGs: ImageFolder-style reading +
+Resize(R) + CenterCrop(R) + ToTensor + Normalize, batched by a DataLoader. Prints a table; the last
+line is JSON with `images_per_s` (ours) and, when measured, the seeds' figure and the ratio.
+"""
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
+from dcgan_dist.data.stream import make_loader  # noqa: E402
+
+
+def time_ours(shards: Path, batch: int, workers: int, batches: int, device: torch.device) -> float:
+    manifest = read_manifest(shards)
+    loader = make_loader(shard_paths(shards, manifest), batch, manifest["resolution"], 0, 0, 1, workers,
+                         shuffle_buffer=2000, pin_memory=device.type == "cuda")
+    it = iter(loader)
+    for _ in range(3):                                   # warm-up: workers start, shuffle buffer fills
+        next(it)
+    t0 = time.perf_counter()
+    for images, _ in itertools.islice(it, batches):
+        x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert x.shape[0] == batch
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def time_seeds(jpeg_root: Path, resolution: int, batch: int, workers: int, batches: int) -> float:
+    from PIL import Image
+    from torchvision import transforms
+
+    files = sorted(p for p in jpeg_root.rglob("*.jpg"))
+    tf = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution),
+                             transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+    class Folder(torch.utils.data.Dataset):          # what ImageFolder does per item: open, RGB, transform
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return tf(Image.open(files[i]).convert("RGB")), 0
+
+    loader = torch.utils.data.DataLoader(Folder(), batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=True)
+    n = min(batches, len(files) // batch)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for x, _ in itertools.islice(it, n - 1):
+        pass
+    return (n - 1) * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, type=Path)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--jpeg-root", type=Path)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    torch.set_num_threads(1)                             # the target is per core
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
+    resolution = read_manifest(args.shards)["resolution"]
+    ours = time_ours(args.shards, args.batch_size, args.num_workers, args.batches, device)
+    result = {"images_per_s": round(ours, 1), "batch_size": args.batch_size, "num_workers": args.num_workers,
+              "resolution": resolution}
+    print(f"{'pipeline':<40} {'img/s':>10}")
+    print(f"{'dcgan-dist stream (tar -> float batch)':<40} {ours:>10.0f}")
+    if args.jpeg_root:
+        seeds = time_seeds(args.jpeg_root, resolution, args.batch_size, args.num_workers, args.batches)
+        print(f"{'seeds: ImageFolder+Resize+CenterCrop':<40} {seeds:>10.0f}")
+        print(f"{'ratio':<40} {ours / seeds:>10.1f}x")
+        result.update(seeds_images_per_s=round(seeds, 1), ratio=round(ours / seeds, 2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
