@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
 
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.errors import RunStopped
 
 
 def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optional[str]) -> str:
@@ -90,8 +91,8 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     for name, digest in mine.items():
         for rank, theirs in enumerate(everyone):
             if theirs.get(name) != digest:
-                raise RuntimeError(f"DDP replicas diverged: parameter '{name}' differs between rank "
-                                   f"{accelerator.process_index} and rank {rank}")
+                raise RunStopped(f"DDP replicas diverged: parameter '{name}' differs between rank "
+                                 f"{accelerator.process_index} and rank {rank}; not saving this state")
     combined = [hashlib.sha256("".join(d.values()).encode()).hexdigest()[:16] for d in everyone]
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
 

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from dcgan_dist.config import load_config
+from dcgan_dist.errors import RunStopped
 from dcgan_dist.models import build_models
 from dcgan_dist.train import dist
 
@@ -21,7 +22,7 @@ if acc.process_index == 1:
 try:
     dist.check_replicas(acc, {"G": G, "D": D})
     code = 1
-except RuntimeError as exc:
+except RunStopped as exc:
     print(f"rank {acc.process_index}: {exc}", flush=True)
     code = 0 if "'D.main.2.weight'" in str(exc) else 1
 dist.shutdown(acc, [])
