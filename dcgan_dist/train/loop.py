@@ -204,6 +204,8 @@ def _loop(accelerator, cfg, nets, run, tracker, trainer_state, global_batch):
                              **counters.as_dict(accelerator))
         checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts)
 
+    if start >= cfg.train.steps:
+        tracker.note(f"already at step {start} of train.steps={cfg.train.steps}; raise it to train longer")
     for step in range(start, cfg.train.steps):
         if run["stop"].poll():
             if step != start and step % cfg.train.ckpt_every != 0:
