@@ -119,7 +119,7 @@ class Tracker:
                              loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}", refresh=False)
         self._wandb(lambda: self.acc.log({f"train/{k}": v for k, v in values.items()}, step=step))
 
-    def images(self, step: int, name: str, images: torch.Tensor, filename: str) -> Path:
+    def images(self, step: int, name: str, images: torch.Tensor, filename: str) -> Optional[Path]:
         """Save a grid of images in [-1, 1] to samples/<filename> and send it to W&B."""
         if not self.enabled:
             return None

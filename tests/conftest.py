@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic CelebA (real JPEGs, real metadata files) and real tar shards."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,8 @@ def accelerate_launch(args: list, num_processes: int = 2, **kw) -> subprocess.Co
     """The real launcher, as a user types it (torchrun underneath, gloo on CPU)."""
     return run([BIN / "accelerate", "launch", "--config_file", ROOT / "configs/accelerate/cpu_2proc.yaml",
                 "--num_processes", num_processes, *args], **kw)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """run_dir/metrics.jsonl as a list of rows."""
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import accelerate_launch, run
+from conftest import accelerate_launch, read_metrics, run
 
 
 def train_args(shards, run_dir, *extra):
@@ -82,7 +82,7 @@ def test_truncated_shard_is_reported_skipped_counted_and_logged(damaged_shards, 
     assert out.returncode == 0, out.stderr[-2000:]
     assert "train-000001.tar' does not match the sha256" in out.stderr
     assert "skipping unreadable data in shard" in out.stderr and "train-000001.tar" in out.stderr
-    rows = [json.loads(ln) for ln in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert rows[-1]["data_errors"] >= 1 and rows[-1]["step"] == 40
 
 

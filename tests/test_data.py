@@ -1,6 +1,5 @@
 """Synthetic CelebA layout, the CelebA reader and the sharder, all on real files and real tars."""
 import hashlib
-import io
 import json
 import shutil
 import sys

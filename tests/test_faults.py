@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from conftest import BIN, ROOT
+from conftest import read_metrics as metrics
 
 
 def fp32_args(shards, run_dir, steps=24, **over):
@@ -53,10 +54,6 @@ def last_step(run_dir: Path) -> int:
         return 0
     lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}")]
     return json.loads(lines[-1])["step"] if lines else 0
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

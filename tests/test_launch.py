@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import accelerate_launch, run
+from conftest import read_metrics as metrics
 from wandb_file import config as wandb_config
 from wandb_file import history, run_ids
 
@@ -25,10 +26,6 @@ def trained(shards32, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     out = accelerate_launch(tiny(shards32, run_dir), timeout=400)
     return run_dir, out
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def wandb_file(run_dir: Path) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 from multiprocessing import get_context
@@ -26,9 +25,9 @@ from typing import Optional
 from PIL import Image
 from tqdm import tqdm
 
-from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Item, Source, read_bytes
+from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_text, fsync_dir, probe_writable
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
 
 MANIFEST = "manifest.json"
 FORMAT = "dcgan-dist-shards/1"
@@ -73,13 +72,7 @@ def _write_shard(task: tuple) -> dict:
             _tar_member(tar, f"{item.key}.json", json.dumps(item.meta, sort_keys=True).encode())
             count += 1
     data = buf.getvalue()
-    path = Path(out_dir) / name
-    tmp = path.with_name(f".{name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(out_dir) / name, data)
     return {"name": name, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "skipped": skipped}
 
