@@ -40,10 +40,14 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kw) -> 
                           env=full_env, **kw)
 
 
-def accelerate_launch(args: list, num_processes: int = 2, **kw) -> subprocess.CompletedProcess:
+def launch_cmd(args: list, num_processes: int = 2) -> list[str]:
     """The real launcher, as a user types it (torchrun underneath, gloo on CPU)."""
-    return run([BIN / "accelerate", "launch", "--config_file", ROOT / "configs/accelerate/cpu_2proc.yaml",
-                "--num_processes", num_processes, *args], **kw)
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+            "--num_processes", str(num_processes), *map(str, args)]
+
+
+def accelerate_launch(args: list, num_processes: int = 2, **kw) -> subprocess.CompletedProcess:
+    return run(launch_cmd(args, num_processes), **kw)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

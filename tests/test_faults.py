@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import ROOT, launch_cmd
 from conftest import read_metrics as metrics
 
 
@@ -23,11 +23,6 @@ def fp32_args(shards, run_dir, steps=24, **over):
             "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", **over}
     return ["--mixed_precision", "no", "launch/train.py", "--config", "configs/demo.yaml",
             *[f"{k}={v}" for k, v in keys.items()]]
-
-
-def launch_cmd(args, num_processes=2):
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-            "--num_processes", str(num_processes), *map(str, args)]
 
 
 def start(args, env=None) -> subprocess.Popen:

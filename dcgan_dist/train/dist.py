@@ -160,9 +160,11 @@ class StopRequest:
                                                      async_op=True), flag)
         return stop
 
-    def close(self) -> None:
-        if self.pending is not None:
+    def close(self, wait: bool = True) -> None:
+        """Restore the signal handlers. After an error (`wait=False`) don't wait on the in-flight flag
+        all-reduce: a dead peer would hold this rank until the collective timeout."""
+        if self.pending is not None and wait:
             self.pending[0].wait()
-            self.pending = None
+        self.pending = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)

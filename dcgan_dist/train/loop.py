@@ -171,7 +171,7 @@ def train(cfg: Config) -> None:
         _loop(accelerator, cfg, nets, run, tracker, trainer_state, global_batch)
         clean = True
     finally:
-        run["stop"].close()
+        run["stop"].close(wait=clean)
         tracker.close()
         stop_loader(run["batches"])
         run.clear()
