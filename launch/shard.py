@@ -7,7 +7,7 @@ import argparse
 import os
 
 from dcgan_dist.data.celeba import SPLITS, open_source
-from dcgan_dist.data.shards import write_shards
+from dcgan_dist.data.shards import IMAGES_PER_BLOCK, write_shards
 from dcgan_dist.errors import UserError, main_guard
 
 
@@ -19,15 +19,17 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--split", default="train", choices=(*SPLITS, "all"))
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--images-per-block", type=int, default=IMAGES_PER_BLOCK,
+                   help=f"images per .npy tar member (default {IMAGES_PER_BLOCK}); the loader reads a block at a time")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoder processes")
     p.add_argument("--max-skip-fraction", type=float, default=0.01,
                    help="fail if more than this fraction of images is unreadable (default 0.01)")
     args = p.parse_args()
-    if args.shard_size < 1 or args.workers < 1:
-        raise UserError("--shard-size and --workers: expected positive integers")
+    if min(args.shard_size, args.workers, args.images_per_block) < 1:
+        raise UserError("--shard-size, --workers and --images-per-block: expected positive integers")
     source = open_source(args.input, args.split)
     manifest = write_shards(source, args.output, args.resolution, args.split, args.shard_size,
-                            args.workers, args.max_skip_fraction)
+                            args.workers, args.max_skip_fraction, images_per_block=args.images_per_block)
     print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards to {args.output} "
           f"(skipped {manifest['skipped']['count']}, missing {manifest['missing']['count']})")
 

@@ -26,10 +26,10 @@ def celeba_parent(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards32(celeba_parent, tmp_path_factory) -> Path:
-    """The train split (~193 images) at 32 px in uneven shards of 50: 50, 50, 50, 43."""
+    """The train split (~193 images) at 32 px in uneven shards of 50: 50, 50, 50, 43, in blocks of 16."""
     out = tmp_path_factory.mktemp("shards32")
     write_shards(open_source(celeba_parent, "train"), out, resolution=32, split="train", shard_size=50,
-                 workers=2, progress=False)
+                 workers=2, progress=False, images_per_block=16)
     return out
 
 

@@ -100,6 +100,7 @@ def test_all_shards_unreadable_stops_cleanly(tmp_path, shards32):
     ("empty", "no manifest.json"),
     ("missing_shard", "lists shard 'train-000002.tar' which is missing"),
     ("bad_json", "not valid JSON"),
+    ("old_format", "older format dcgan-dist-shards/1 (one JPEG per sample); re-shard with launch/shard.py"),
 ])
 def test_broken_shard_dirs(tmp_path, shards32, setup, needle):
     d = tmp_path / "shards"
@@ -109,6 +110,9 @@ def test_broken_shard_dirs(tmp_path, shards32, setup, needle):
         shutil.copytree(shards32, d)
         if setup == "missing_shard":
             (d / "train-000002.tar").unlink()
+        elif setup == "old_format":
+            manifest = json.loads((d / "manifest.json").read_text())
+            (d / "manifest.json").write_text(json.dumps({**manifest, "format": "dcgan-dist-shards/1"}))
         else:
             (d / "manifest.json").write_text("{ not json")
     assert needle in one_error_line(run(train_args(d, tmp_path / "run", "train.steps=2"), timeout=60), 1)

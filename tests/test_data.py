@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import run
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, open_source
-from dcgan_dist.data.shards import read_manifest, write_shards
+from dcgan_dist.data.shards import crop_resize, read_manifest, write_shards
 from dcgan_dist.data.synthetic import write_celeba
 from dcgan_dist.errors import UserError
 
@@ -63,23 +63,31 @@ def test_attributes_show_in_pixels(celeba_parent):
 def test_shards_round_trip_through_webdataset(shards32, celeba_parent):
     manifest = read_manifest(shards32)
     assert manifest["count"] == 193 and manifest["resolution"] == 32
+    assert manifest["image"]["images_per_block"] == 16
     assert [s["count"] for s in manifest["shards"]] == [50, 50, 50, 43]
     for entry in manifest["shards"]:
         assert hashlib.sha256((shards32 / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
-    expected = _attrs(celeba_parent / "celeba")
+    root = celeba_parent / "celeba"
+    expected = _attrs(root)
     urls = [str(shards32 / s["name"]) for s in manifest["shards"]]
-    seen = 0
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
-        assert "." not in sample["__key__"]
-        assert sample["jpg"].size == (32, 32)
-        meta = sample["json"]
-        assert meta["attributes"] == expected[meta["file"]]
-        assert meta["file"] == sample["__key__"] + ".jpg" and meta["split"] == 0 and meta["identity"] >= 1
-        seen += 1
-    assert seen == 193
+    seen, block_sizes = [], []
+    for block in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        pixels, metas = block["npy"], block["json"]
+        assert pixels.dtype == np.uint8 and pixels.shape == (len(metas), 32, 32, 3)
+        assert block["__key__"] == metas[0]["key"] and "." not in block["__key__"]
+        block_sizes.append(len(metas))
+        for image, meta in zip(pixels, metas):
+            assert meta["attributes"] == expected[meta["file"]]
+            assert meta["file"] == meta["key"] + ".jpg" and meta["split"] == 0 and meta["identity"] >= 1
+            # Stored raw: exactly the sharder's crop of the source, with no second lossy step.
+            source = crop_resize((root / "img_align_celeba" / meta["file"]).read_bytes(), 32)
+            assert np.array_equal(image, np.asarray(source)), meta["file"]
+            seen.append(meta["file"])
+    assert len(seen) == len(set(seen)) == 193
+    assert block_sizes[:4] == [16, 16, 16, 2]          # blocks never straddle shards
     # Plain `tar` tooling sees ordinary members too.
     with tarfile.open(urls[0]) as tar:
-        assert tar.getnames()[:2] == ["000001.jpg", "000001.json"]
+        assert tar.getnames()[:4] == ["000001.npy", "000001.json", "000017.npy", "000017.json"]
 
 
 def test_sharding_is_byte_identical_and_zip_equals_folder(tmp_path, celeba_parent, shards32):
@@ -92,7 +100,7 @@ def test_sharding_is_byte_identical_and_zip_equals_folder(tmp_path, celeba_paren
     source = open_source(tmp_path, "train")       # the parent: torchvision's layout
     assert source.kind == "celeba-zip"
     manifest = write_shards(source, tmp_path / "out", resolution=32, split="train", shard_size=50, workers=1,
-                            progress=False)
+                            progress=False, images_per_block=16)
     reference = read_manifest(shards32)            # written from the folder with 2 workers
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
 

@@ -1,11 +1,12 @@
 """The per-rank infinite stream: equal batches per rank, disjoint shards, exact restart at a step."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from dcgan_dist.data.shards import read_manifest, shard_paths
-from dcgan_dist.data.stream import make_loader, stream_shards
+from dcgan_dist.data.stream import ShufflePool, make_loader, stream_shards
 
 
 def batches(shards32, rank, n, workers, start_step=0, seed=0, world=2, batch=16):
@@ -45,3 +46,45 @@ def test_seed_changes_the_order(shards32):
     a, b = batches(shards32, 0, 1, 0, seed=0)[0], batches(shards32, 0, 1, 0, seed=1)[0]
     assert not torch.equal(a, b)
     assert read_manifest(shards32)["count"] == 193
+
+
+def _numbered_blocks(total, per_block):
+    """Blocks whose images carry their own index in every pixel, cycling forever like a stream pass."""
+    while True:
+        for start in range(0, total, per_block):
+            ids = np.arange(start, min(start + per_block, total))
+            yield np.broadcast_to((ids % 256).astype(np.uint8)[:, None, None, None], (len(ids), 2, 2, 3)).copy()
+
+
+def test_shuffle_pool_is_bounded_fair_and_mixes_blocks():
+    pool = ShufflePool(_numbered_blocks(200, 25), capacity=64, rng=np.random.default_rng(0))
+    drawn = np.concatenate([pool.draw(16)[:, 0, 0, 0] for _ in range(100)])   # 1600 images: 8 passes
+    assert pool.pool.shape == (64, 2, 2, 3)                # memory is the capacity, not the dataset
+    counts = np.bincount(drawn, minlength=200)
+    assert counts.min() >= 3 and counts.max() <= 14, counts   # every image keeps coming back, none hogs
+    first = drawn[:16]
+    assert len(set(first // 25)) >= 2                      # a batch mixes blocks
+    assert not np.array_equal(np.sort(first), first)       # and is not in storage order
+
+
+def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
+    import shutil
+    import tarfile
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards32, out)
+    victim = out / "train-000000.tar"
+    with tarfile.open(victim) as tar:
+        member = tar.getmember("000017.npy")
+    data = bytearray(victim.read_bytes())
+    data[member.offset_data:member.offset_data + 8] = b"garbage!"      # breaks the .npy magic, tar stays valid
+    victim.write_bytes(bytes(data))
+    loader = make_loader(shard_paths(out), 16, 32, 0, 0, 1, 0, shuffle_buffer=32)
+    got = list(itertools.islice(iter(loader), 30))
+    assert sum(bad for _, bad in got) >= 1
+    assert all(images.shape == (16, 3, 32, 32) for images, _ in got)
+
+
+def test_batches_come_channels_last(shards32):
+    images = batches(shards32, 0, 1, 0)[0]
+    assert images.is_contiguous(memory_format=torch.channels_last)

@@ -1,11 +1,16 @@
 """Write webdataset tar shards + manifest.json from a CelebA layout or an image folder.
 
-Each sample is two tar members, `000001.jpg` (the cropped, resized image) and `000001.json` (its 40
-attributes, identity, split and source file). Crop and resize happen once, here:
+Images are stored in blocks: one block is two tar members, `000001.npy` (uint8, N x R x R x 3, the
+cropped and resized images, RGB, NHWC) and `000001.json` (a list of N records: key, 40 attributes,
+identity, split and source file), keyed by the block's first image. Blocks, not one member per image,
+because the loader is then a file read and a memcpy per 256 images instead of a tar header, a JPEG
+decode and a shuffle-buffer step per image (20x the per-image rate; docs/PERFORMANCE.md). Raw pixels
+also make the stored images exactly the crop below, with no second lossy step. `tar` and `webdataset`
+read the shards as they are: webdataset's default decoder turns `.npy` into an array.
 
     crop   the centred square of side min(w, h): for CelebA's 178x218 that is rows 20..197, the
            same region as torchvision's Resize(R) + CenterCrop(R) used by the DCGAN tutorials;
-    resize Lanczos (antialiased) to R x R; stored as JPEG quality 95, no chroma subsampling.
+    resize Lanczos (antialiased) to R x R.
 
 Shards are byte-identical for the same input: members are sorted, and every tar header field that
 could vary (mtime, owner, mode) is fixed. Shards and the manifest are written atomically; the
@@ -22,6 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,8 +36,9 @@ from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
 
 MANIFEST = "manifest.json"
-FORMAT = "dcgan-dist-shards/1"
-JPEG_QUALITY = 95
+FORMAT = "dcgan-dist-shards/2"
+OLD_FORMATS = ("dcgan-dist-shards/1",)
+IMAGES_PER_BLOCK = 256
 CROP_DOC = "centre square of side min(w, h), Lanczos resize to resolution x resolution"
 
 
@@ -54,38 +61,46 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def _write_shard(task: tuple) -> dict:
-    """Worker: encode one shard's images into `<name>.tar`. Returns its manifest entry."""
-    out_dir, name, items, zip_path, resolution = task
-    buf, skipped = io.BytesIO(), []
+    """Worker: crop and resize one shard's images into `<name>.tar`. Returns its manifest entry."""
+    out_dir, name, items, zip_path, resolution, images_per_block = task
+    pixels, metas, skipped = [], [], []
+    for item in items:
+        try:
+            pixels.append(np.asarray(crop_resize(read_bytes(zip_path, item.ref), resolution)))
+        except Exception as exc:  # corrupt, truncated, zero-byte or not an image at all
+            skipped.append(f"{item.meta.get('file', item.ref)}: {type(exc).__name__}")
+            continue
+        metas.append({"key": item.key, **item.meta})
+    buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        count = 0
-        for item in items:
-            try:
-                img = crop_resize(read_bytes(zip_path, item.ref), resolution)
-            except Exception as exc:  # corrupt, truncated, zero-byte or not an image at all
-                skipped.append(f"{item.meta.get('file', item.ref)}: {type(exc).__name__}")
-                continue
-            jpg = io.BytesIO()
-            img.save(jpg, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-            _tar_member(tar, f"{item.key}.jpg", jpg.getvalue())
-            _tar_member(tar, f"{item.key}.json", json.dumps(item.meta, sort_keys=True).encode())
-            count += 1
+        for i in range(0, len(pixels), images_per_block):
+            key = metas[i]["key"]
+            block = np.stack(pixels[i:i + images_per_block])
+            _tar_member(tar, f"{key}.npy", _npy_bytes(block))
+            _tar_member(tar, f"{key}.json", json.dumps(metas[i:i + images_per_block], sort_keys=True).encode())
     data = buf.getvalue()
     atomic_write_bytes(Path(out_dir) / name, data)
-    return {"name": name, "count": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    return {"name": name, "count": len(pixels), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "skipped": skipped}
 
 
 def write_shards(source: Source, output: Path, resolution: int, split: str, shard_size: int = 1000,
-                 workers: int = 1, max_skip_fraction: float = 0.01, progress: bool = True) -> dict:
+                 workers: int = 1, max_skip_fraction: float = 0.01, progress: bool = True,
+                 images_per_block: int = IMAGES_PER_BLOCK) -> dict:
     output = Path(output)
     _check_writable(output)
     items = source.items
     if not items:
         raise UserError(f"input '{source.root}': no images found for split '{split}'")
     chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    tasks = [(str(output), f"{split}-{i:06d}.tar", chunk, source.zip_path, resolution)
+    tasks = [(str(output), f"{split}-{i:06d}.tar", chunk, source.zip_path, resolution, images_per_block)
              for i, chunk in enumerate(chunks)]
     entries = []
     bar = tqdm(total=len(items), desc=f"sharding {split}", unit="img", disable=not progress)
@@ -101,11 +116,13 @@ def write_shards(source: Source, output: Path, resolution: int, split: str, shar
     bar.close()
     entries.sort(key=lambda e: e["name"])
     fsync_dir(output)
-    return _finish_manifest(source, output, resolution, split, entries, max_skip_fraction)
+    image = {"ext": "npy", "layout": "uint8 blocks, N x R x R x 3 (RGB)", "images_per_block": images_per_block,
+             "crop": CROP_DOC}
+    return _finish_manifest(source, output, resolution, split, entries, max_skip_fraction, image)
 
 
 def _finish_manifest(source: Source, output: Path, resolution: int, split: str, entries: list[dict],
-                     max_skip_fraction: float) -> dict:
+                     max_skip_fraction: float, image: dict) -> dict:
     skipped = [s for e in entries for s in e.pop("skipped")]
     count = sum(e["count"] for e in entries)
     for line in skipped[:20]:
@@ -118,7 +135,7 @@ def _finish_manifest(source: Source, output: Path, resolution: int, split: str, 
         "count": count,
         "resolution": resolution,
         "split": split,
-        "image": {"ext": "jpg", "quality": JPEG_QUALITY, "crop": CROP_DOC},
+        "image": image,
         "attributes": list(ATTRIBUTE_NAMES) if source.kind != "folder" else [],
         "source": source.describe(),
         "skipped": {"count": len(skipped), "files": skipped[:1000]},
@@ -148,6 +165,9 @@ def read_manifest(shards_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}': not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") in OLD_FORMATS:
+        raise UserError(f"'{path}': shards in the older format {manifest['format']} (one JPEG per sample); "
+                        f"re-shard with launch/shard.py to get {FORMAT}")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
         raise UserError(f"'{path}': not a {FORMAT} manifest")
     if manifest["count"] <= 0 or not manifest["shards"]:

@@ -93,8 +93,8 @@ def train_step(accelerator: Accelerator, nets: dict, batch_u8: torch.Tensor, nz:
     D_local = accelerator.unwrap_model(D)
     device = accelerator.device
     real = batch_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)   # uint8 -> [-1, 1]
-    if channels_last:
-        real = real.contiguous(memory_format=torch.channels_last)
+    # The loader's batches are channels_last already; this copies only when the models are not.
+    real = real.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     z = torch.randn(real.shape[0], nz, device=device)
 
     # D phase. G's forward keeps its graph: the G phase reuses `fake` (as the paper's code does).
