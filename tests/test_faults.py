@@ -52,8 +52,18 @@ def last_step(run_dir: Path) -> int:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """kill -9 the whole job at once, as a lost machine would: the launcher's group and every rank and
+    loader worker (torchrun gives each rank a session of its own, so killpg alone misses them)."""
+    job = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for p in job:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(job, timeout=30)
+    assert not alive, f"job processes survived kill -9: {alive}"
 
 
 def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -159,6 +169,7 @@ def test_kill9_of_one_rank_fails_the_job_fast(shards32, tmp_path):
     proc = start(fp32_args(shards32, run_dir, steps=100000))
     wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
     t0 = time.time()
+    job = psutil.Process(proc.pid).children(recursive=True)
     workers(proc)[1].kill()
     try:
         proc.wait(timeout=60)
@@ -166,6 +177,24 @@ def test_kill9_of_one_rank_fails_the_job_fast(shards32, tmp_path):
         if proc.poll() is None:
             kill_group(proc)
     assert proc.returncode != 0 and time.time() - t0 < 60
+    _, alive = psutil.wait_procs(job, timeout=30)          # no rank or loader worker left behind, hung
+    assert not alive, f"left running after the job failed: {[p.cmdline()[:3] for p in alive]}"
+
+
+def test_kill9_of_the_launcher_stops_the_ranks_with_a_checkpoint(shards32, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(fp32_args(shards32, run_dir, steps=100000, **{"train.ckpt_every": 100000}))
+    wait_for(lambda: last_step(run_dir) >= 3, proc, what="step 3")
+    job = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()                                             # only the launcher: the ranks are orphans now
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(job, timeout=120)
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks kept training after their launcher was killed"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (run_dir / "checkpoints" / saved[0] / "COMPLETE").is_file()
+    assert int(saved[0].split("-")[1]) >= 3
 
 
 @pytest.mark.slow

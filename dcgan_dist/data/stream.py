@@ -185,3 +185,10 @@ def stop_loader(batches: Iterator) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    # A worker still alive here is stuck (say, flushing batches into a queue nobody reads after a peer
+    # died). DataLoader's fallback is SIGTERM, which our workers ignore (see _ignore_stop_signals), and
+    # interpreter exit would then wait on it forever: kill it.
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)
