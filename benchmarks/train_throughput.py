@@ -57,6 +57,38 @@ def bare(device: str, precision: str, channels_last: bool, compile_: bool, batch
     return steps * batch / (t_2n - t_n)                 # N steps over (T(2N) - T(N))
 
 
+def flops_per_image(batch: int = 16) -> float:
+    """Conv and matmul FLOPs of one train_step (D step + G step, forward and backward), per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from accelerate import Accelerator
+
+    from dcgan_dist.models import build_models
+    from dcgan_dist.train.loop import train_step
+
+    acc = Accelerator(cpu=True)
+    G, D = build_models(100, 64, 64, 64)
+    nets = {"G": G, "D": D, "opt_g": acc.prepare(torch.optim.Adam(G.parameters())),
+            "opt_d": acc.prepare(torch.optim.Adam(D.parameters()))}
+    with FlopCounterMode(display=False) as counter:
+        train_step(acc, nets, torch.zeros(batch, 3, 64, 64, dtype=torch.uint8), 100, False)
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """Dense GEMM FLOP/s in `dtype`: what this device can really do, the yardstick for a conv net."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return reps * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
 def _in_subprocess(args, precision: str, channels_last: bool, compile_: bool) -> float:
     """Accelerate's state is a per-process singleton: one precision per process."""
     cmd = [sys.executable, __file__, "--device", args.device, "--batch-size", str(args.batch_size),
@@ -65,12 +97,12 @@ def _in_subprocess(args, precision: str, channels_last: bool, compile_: bool) ->
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def end_to_end(shards: str, steps: int, precision: str) -> float:
+def end_to_end(shards: str, steps: int, precision: str, workers: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "launch/train.py", "--config", "configs/celeba64.yaml", f"data.shards={shards}",
                f"run_dir={tmp}/run", f"train.steps={2 * steps}", f"train.log_every={steps}",
                "train.sample_every=100000", "train.ckpt_every=100000", "wandb.mode=disabled",
-               "data.num_workers=1", f"train.mixed_precision={precision}"]
+               f"data.num_workers={workers}", f"train.mixed_precision={precision}"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")})
         rows = [json.loads(ln) for ln in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
@@ -86,6 +118,7 @@ def main() -> None:
     p.add_argument("--end-to-end", action="store_true")
     p.add_argument("--shards")
     p.add_argument("--precision", default="bf16", help="for --end-to-end")
+    p.add_argument("--num-workers", type=int, default=0, help="for --end-to-end: loader workers")
     p.add_argument("--single", nargs=3, metavar=("PRECISION", "CHANNELS_LAST", "COMPILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
@@ -96,19 +129,30 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     results = []
     if args.end_to_end:
-        ips = end_to_end(args.shards, args.steps, args.precision)
-        results.append({"mode": "end-to-end", "precision": args.precision, "images_per_s": round(ips, 1)})
+        ips = end_to_end(args.shards, args.steps, args.precision, args.num_workers)
+        results.append({"mode": "end-to-end", "precision": args.precision, "num_workers": args.num_workers,
+                        "images_per_s": round(ips, 1)})
     else:
         for precision, cl, comp in itertools.product(("no", "bf16"), (False, True),
                                                      (False, True) if args.compile else (False,)):
             ips = _in_subprocess(args, precision, cl, comp)
             results.append({"precision": precision, "channels_last": cl, "compile": comp,
                             "images_per_s": round(ips, 1)})
-    print(f"{'mode/precision':<16} {'ch_last':>8} {'compile':>8} {'img/s':>8}")
+    flops = flops_per_image()
+    peaks = {p: matmul_peak(args.device, {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p])
+             for p in {r["precision"] for r in results}}
+    for r in results:
+        r["tflops"] = round(r["images_per_s"] * flops / 1e12, 3)
+        r["fraction_of_matmul_peak"] = round(r["images_per_s"] * flops / peaks[r["precision"]], 3)
+    print(f"train_step: {flops / 1e9:.2f} GFLOP per image (conv + matmul, forward + backward); dense matmul "
+          "peak here: " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in sorted(peaks.items())))
+    print(f"{'mode/precision':<16} {'ch_last':>8} {'compile':>8} {'img/s':>8} {'TFLOP/s':>8} {'of peak':>8}")
     for r in results:
         print(f"{r.get('mode', r['precision']):<16} {str(r.get('channels_last', '-')):>8} "
-              f"{str(r.get('compile', '-')):>8} {r['images_per_s']:>8.0f}")
-    print(json.dumps({"device": name, "results": results}))
+              f"{str(r.get('compile', '-')):>8} {r['images_per_s']:>8.0f} {r['tflops']:>8.3f} "
+              f"{r['fraction_of_matmul_peak']:>8.0%}")
+    print(json.dumps({"device": name, "gflop_per_image": round(flops / 1e9, 3),
+                      "matmul_peak_tflops": {p: round(v / 1e12, 3) for p, v in peaks.items()}, "results": results}))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from dcgan_dist.config import Config
 from dcgan_dist.fsutil import atomic_write_text
+from dcgan_dist.report import grid_image
 
 
 def _warn(msg: str) -> None:
@@ -123,11 +123,10 @@ class Tracker:
         """Save a grid of images in [-1, 1] to samples/<filename> and send it to W&B."""
         if not self.enabled:
             return None
-        grid = make_grid(images.detach().float().cpu(), nrow=int(math.sqrt(len(images)) + 0.5),
-                         normalize=True, value_range=(-1, 1))
+        grid = grid_image(images, nrow=int(math.sqrt(len(images)) + 0.5))
         path = self.samples_dir / filename
         tmp = path.with_name(f".{path.name}.tmp.png")
-        save_image(grid, tmp)
+        grid.save(tmp, format="PNG")
         os.replace(tmp, path)
         if self.use_wandb:
             import wandb

@@ -1,11 +1,12 @@
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, run
 from dcgan_dist.config import ConfigError, load_config, save_config
-from dcgan_dist.train.dist import resolve_mixed_precision
+from dcgan_dist.train.dist import fast_precision, loader_workers, resolve_mixed_precision
 
 
 def write(tmp_path, data) -> str:
@@ -67,7 +68,8 @@ def test_mixed_precision_follows_launcher():
     assert resolve_mixed_precision(None, "bf16") == "bf16"
     assert resolve_mixed_precision("bf16", "bf16") == "bf16"
     assert resolve_mixed_precision("fp16", None) == "fp16"
-    assert resolve_mixed_precision(None, None) == "no"
+    assert resolve_mixed_precision(None, None) == fast_precision()      # nobody said: the fast one
+    assert resolve_mixed_precision("no", None) == "no"
     with pytest.raises(ConfigError, match="train.mixed_precision"):
         resolve_mixed_precision("fp16", "bf16")
 
@@ -100,3 +102,10 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_loader_workers_default_to_none_on_cpu_and_some_per_gpu():
+    assert loader_workers(None, torch.device("cpu"), 2) == 0        # the step needs both cores
+    assert loader_workers(3, torch.device("cpu"), 2) == 3           # an explicit value always wins
+    assert 1 <= loader_workers(None, torch.device("cuda"), 1) <= 4   # decides from the device type alone
+    assert loader_workers(None, torch.device("cuda"), 10_000) == 1  # never 0 on a GPU, even when cores are few

@@ -10,6 +10,7 @@ step (data/stream.py). A resumed run therefore logs the same losses as an uninte
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +154,10 @@ def train(cfg: Config) -> None:
     start_step = trainer_state["step"]
 
     global_batch = cfg.data.batch_size * world
+    workers = dist.loader_workers(cfg.data.num_workers, accelerator.device,
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     run_facts = {"world_size": world, "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
-                 "dataset_count": manifest["count"]}
+                 "num_workers": workers, "dataset_count": manifest["count"]}
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml", extra=run_facts)
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size)} images={manifest['count']} "
@@ -163,7 +166,7 @@ def train(cfg: Config) -> None:
     wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"], {**cfg.to_dict(), **run_facts})
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
     loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
-                         cfg.seed, rank, world, cfg.data.num_workers, cfg.data.shuffle_buffer, start_step,
+                         cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
                          pin_memory=accelerator.device.type == "cuda")
     run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator)}
     clean = False
