@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 $(SYNTH)/celeba/list_attr_celeba.txt: | $(STAMP)
 	$(BIN)/python launch/make_synthetic.py --output $(SYNTH) --num 4000 --seed 0
 
-$(SHARDS)/manifest.json: $(SYNTH)/celeba/list_attr_celeba.txt
+# Re-shard when the shard format (shards.py) changes.
+$(SHARDS)/manifest.json: $(SYNTH)/celeba/list_attr_celeba.txt dcgan_dist/data/shards.py
 	$(BIN)/python launch/shard.py --input $(SYNTH) --output $(SHARDS) --resolution 64 --split train \
 		--shard-size 400 --workers 2
 
