@@ -1,0 +1,34 @@
+"""The benchmarks must keep running (their numbers are for docs/PERFORMANCE.md, never asserted here)."""
+import json
+import sys
+
+from conftest import run
+
+
+def last_json(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_throughput_runs_both_pipelines(shards32, celeba_parent):
+    out = run([sys.executable, "benchmarks/data_throughput.py", "--shards", shards32, "--batch-size", "16",
+               "--batches", "3", "--jpeg-root", celeba_parent / "celeba/img_align_celeba"], timeout=120)
+    result = last_json(out)
+    assert result["images_per_s"] > 0 and result["seeds_images_per_s"] > 0 and result["resolution"] == 32
+
+
+def test_train_throughput_reports_flops_and_peak_fraction():
+    out = run([sys.executable, "benchmarks/train_throughput.py", "--steps", "1", "--batch-size", "2"], timeout=300)
+    result = last_json(out)
+    assert 2.0 < result["gflop_per_image"] < 2.6          # the paper's 64 px nets: about 2.27 GFLOP
+    assert [(r["precision"], r["channels_last"]) for r in result["results"]] == [
+        ("no", False), ("no", True), ("bf16", False), ("bf16", True)]
+    assert all(r["images_per_s"] > 0 and r["fraction_of_matmul_peak"] > 0 for r in result["results"])
+
+
+def test_demo_memory_measures_every_process(shards32):
+    out = run([sys.executable, "benchmarks/demo_memory.py", "--steps", "3", "--shards", shards32,
+               "model.resolution=32", "train.num_samples=4"], timeout=300)
+    result = last_json(out)
+    assert result["processes"] >= 3                        # the launcher and both ranks, at least
+    assert result["peak_rss_mb"] >= result["peak_pss_mb"] > 100
