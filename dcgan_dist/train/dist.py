@@ -25,7 +25,7 @@ from dcgan_dist.errors import RunStopped
 
 def fast_precision() -> str:
     """What to train in when nobody says: bf16 where the hardware runs it natively (CUDA with bf16,
-    or a CPU with avx512_bf16 or AMX: 1.8x to 2.5x fp32 there, docs/PERFORMANCE.md), else fp32."""
+    or a CPU with avx512_bf16 or AMX: 2x to 2.5x fp32 there, docs/PERFORMANCE.md), else fp32."""
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
@@ -33,7 +33,7 @@ def fast_precision() -> str:
 
 def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_node: int) -> int:
     """`data.num_workers`, or the fast choice: none on CPU, where the step is compute-bound and a worker
-    only competes for cores; on a GPU up to 4, since one core reads about 30k img/s (docs/PERFORMANCE.md)
+    only competes for cores; on a GPU up to 4, since one core reads about 40k img/s (docs/PERFORMANCE.md)
     and the step must never wait."""
     if config_value is not None:
         return config_value
