@@ -1,5 +1,7 @@
 """The per-rank infinite stream: equal batches per rank, disjoint shards, exact restart at a step."""
 import itertools
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -68,9 +70,6 @@ def test_shuffle_pool_is_bounded_fair_and_mixes_blocks():
 
 
 def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
-    import shutil
-    import tarfile
-
     out = tmp_path / "shards"
     shutil.copytree(shards32, out)
     victim = out / "train-000000.tar"

@@ -8,8 +8,8 @@ Why a hand-rolled IterableDataset instead of `accelerator.prepare(loader)` (see 
 
 Batch b of a rank comes from stream role b % num_workers, because DataLoader hands out worker outputs
 round robin. A run resumed at step s rotates the roles so that worker 0 plays role s % num_workers, and
-each role skips the batches it produced before s without handing them out. That makes the batches after a resume
-the same as those of an uninterrupted run.
+each role skips the batches it produced before s without handing them out. That makes the batches
+after a resume the same as those of an uninterrupted run.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def fast_precision() -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
-def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_node: int) -> int:
+def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_node: Optional[int] = None) -> int:
     """`data.num_workers`, or the fast choice: none on CPU, where the step is compute-bound and a worker
     only competes for cores; on a GPU up to 4, since one core reads about 40k img/s (docs/PERFORMANCE.md)
     and the step must never wait."""
@@ -39,6 +39,8 @@ def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_n
         return config_value
     if device.type != "cuda":
         return 0
+    if ranks_on_node is None:
+        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_on_node) - 1))
 
 
@@ -77,10 +79,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if accelerator.num_processes != expected:
         raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
                            "on CPU, launch with --multi_gpu --num_processes N (see README)")
-    if precision == "no" and fast_precision() != "no" and accelerator.is_main_process:
+    fast = fast_precision()
+    if precision == "no" and fast != "no" and accelerator.is_main_process:
         # `accelerate launch` passes "no" when not told, so say what is left on the table.
-        print(f"note: training in fp32; this hardware runs {fast_precision()} natively, about 2x faster: "
-              f"add --mixed_precision {fast_precision()} (configs/accelerate/*.yaml do)", file=sys.stderr)
+        print(f"note: training in fp32; this hardware runs {fast} natively, about 2x faster: "
+              f"add --mixed_precision {fast} (configs/accelerate/*.yaml do)", file=sys.stderr)
     if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
         print("warning: fp16 on CPU runs in fp32 without a GradScaler; use --mixed_precision bf16",
               file=sys.stderr)

@@ -10,7 +10,6 @@ step (data/stream.py). A resumed run therefore logs the same losses as an uninte
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +153,7 @@ def train(cfg: Config) -> None:
     start_step = trainer_state["step"]
 
     global_batch = cfg.data.batch_size * world
-    workers = dist.loader_workers(cfg.data.num_workers, accelerator.device,
-                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
     run_facts = {"world_size": world, "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
                  "num_workers": workers, "dataset_count": manifest["count"]}
     if accelerator.is_main_process:
