@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Loader throughput: images/s up to the normalised float batch the training step consumes.
 
-    python benchmarks/data_throughput.py --shards data/shards/demo64 --batch-size 128 --num-workers 0 \
+    python benchmarks/data_throughput.py --shards data/shards/demo64 --batch-size 128 [--num-workers N] \
         --batches 50 [--jpeg-root data/synthetic/celeba/img_align_celeba] [--device cpu|cuda]
+
+--num-workers defaults to what the trainer uses on that device (`data.num_workers: null`): 0 on CPU,
+up to 4 on a GPU. On CUDA the batches come through pinned memory, as in training.
 
 Ours: the real per-rank stream (tar shards -> uint8 batch) plus the on-device normalisation the loop
 does. With --jpeg-root, also the seeds' pipeline on the source JPEGs: ImageFolder-style reading +
@@ -71,13 +74,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, type=Path)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, help="loader workers (default: the trainer's default here)")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--jpeg-root", type=Path)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(1)                             # the target is per core
     device = torch.device(args.device)
+    if args.num_workers is None:
+        from dcgan_dist.train.dist import loader_workers
+
+        args.num_workers = loader_workers(None, device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")
     resolution = read_manifest(args.shards)["resolution"]

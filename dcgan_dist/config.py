@@ -61,6 +61,14 @@ class TrainConfig:
         None, "no|fp16|bf16. Leave null to follow `accelerate launch --mixed_precision`; "
               "a value that conflicts with the launcher is an error.", choices=(None, "no", "fp16", "bf16"))
     channels_last: bool = _opt(True, "NHWC memory layout: faster convolutions on AMX CPUs and tensor cores.")
+    cuda_graph: Optional[bool] = _opt(
+        None, "Replay the whole step (D step + G step, optimizers included) as one CUDA graph. null = on "
+              "wherever it can be (CUDA, one rank or NCCL), off on CPU; true where it cannot be is an error.")
+    cpu_threads_per_rank: Optional[int] = _opt(
+        None, "Torch threads per CPU rank. null = this node's cores / its ranks (`accelerate launch` "
+              "would leave each rank 1 thread). Ignored on GPUs.", min=1)
+    deterministic: bool = _opt(False, "Deterministic cuDNN/cuBLAS kernels, no autotuning: slower; for "
+                                      "exact-resume checks on a GPU.")
     num_samples: int = _opt(64, "Images in each fixed-noise sample grid.", min=1, max=1024)
     collective_timeout_s: int = _opt(300, "Seconds a collective may wait for a peer before the job fails.",
                                      min=10)

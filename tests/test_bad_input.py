@@ -4,6 +4,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from conftest import accelerate_launch, read_metrics, run
 
@@ -144,3 +145,11 @@ def test_skip_mode_counts_then_gives_up(tmp_path, shards32):
                          "train.max_consecutive_skips=3"), timeout=120)
     line = one_error_line(out, 3)
     assert "3 updates in a row skipped" in line
+
+
+def test_cuda_graph_demanded_without_cuda_is_one_line(tmp_path, shards32):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_error_line(run(train_args(shards32, tmp_path / "run", "train.steps=2", "train.cuda_graph=true"),
+                              timeout=120), 2)
+    assert "'train.cuda_graph' is true but this run has no CUDA device" in line

@@ -1,3 +1,4 @@
+import os
 import sys
 
 import pytest
@@ -6,7 +7,7 @@ import yaml
 
 from conftest import ROOT, run
 from dcgan_dist.config import ConfigError, load_config, save_config
-from dcgan_dist.train.dist import fast_precision, loader_workers, resolve_mixed_precision
+from dcgan_dist.train.dist import cpu_threads, fast_precision, loader_workers, resolve_mixed_precision
 
 
 def write(tmp_path, data) -> str:
@@ -109,3 +110,12 @@ def test_loader_workers_default_to_none_on_cpu_and_some_per_gpu():
     assert loader_workers(3, torch.device("cpu"), 2) == 3           # an explicit value always wins
     assert 1 <= loader_workers(None, torch.device("cuda"), 1) <= 4   # decides from the device type alone
     assert loader_workers(None, torch.device("cuda"), 10_000) == 1  # never 0 on a GPU, even when cores are few
+
+
+def test_cpu_threads_share_the_cores_among_the_ranks(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cpu_threads(None) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert cpu_threads(None) == 1                                   # never 0
+    assert cpu_threads(3) == 3                                      # an explicit value always wins

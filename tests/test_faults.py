@@ -25,9 +25,9 @@ def fp32_args(shards, run_dir, steps=24, **over):
             *[f"{k}={v}" for k, v in keys.items()]]
 
 
-def start(args, env=None) -> subprocess.Popen:
-    """Start a 2-rank job in its own process group, so that kill -9 can take all of it at once."""
-    return subprocess.Popen(launch_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start(args, env=None, num_processes=2) -> subprocess.Popen:
+    """Start a job (2 ranks unless told) in its own process group, so that kill -9 can take all of it at once."""
+    return subprocess.Popen(launch_cmd(args, num_processes), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
                             env={**os.environ, "WANDB_SILENT": "true", **(env or {})})
 

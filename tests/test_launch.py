@@ -38,6 +38,7 @@ def test_two_ranks_exit_0_and_write_run(trained):
     run_dir, out = trained
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("dcgan-dist: world_size=2") == 1          # rank 0 speaks, rank 1 is quiet
+    assert f"threads={max(1, len(os.sched_getaffinity(0)) // 2)} " in out.stdout    # the cores, shared out
     assert "backend=gloo" in out.stdout and "mixed_precision=bf16" in out.stdout
     ckpt = run_dir / "checkpoints" / "step-00000012"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "model.safetensors").is_file()
@@ -118,3 +119,11 @@ def test_bad_run_inputs_fail_fast_with_one_line(shards32, tmp_path, override, ne
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_one_cpu_rank_uses_every_core_under_plain_accelerate_launch(shards32, tmp_path):
+    """`accelerate launch` without --cpu exports OMP_NUM_THREADS=1 (PITFALLS 3b); the rank must not keep it."""
+    out = accelerate_launch([*tiny(shards32, tmp_path / "run", steps=2), "wandb.mode=disabled"], num_processes=1,
+                            timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"threads={len(os.sched_getaffinity(0))} " in out.stdout, out.stdout

@@ -31,7 +31,7 @@ def fast_precision() -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
-def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_node: Optional[int] = None) -> int:
+def loader_workers(config_value: Optional[int], device: torch.device, ranks: Optional[int] = None) -> int:
     """`data.num_workers`, or the fast choice: none on CPU, where the step is compute-bound and a worker
     only competes for cores; on a GPU up to 4, since one core reads about 40k img/s (docs/PERFORMANCE.md)
     and the step must never wait."""
@@ -39,9 +39,8 @@ def loader_workers(config_value: Optional[int], device: torch.device, ranks_on_n
         return config_value
     if device.type != "cuda":
         return 0
-    if ranks_on_node is None:
-        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_on_node) - 1))
+    ranks = ranks_on_node() if ranks is None else ranks
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks) - 1))
 
 
 def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optional[str]) -> str:
@@ -60,8 +59,50 @@ def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optiona
 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
 
 
+def ranks_on_node() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def process_group_backend() -> Optional[str]:
+    """NCCL wants one GPU per rank and refuses two ranks on one device; when ranks outnumber this node's
+    GPUs (a test box, one shared card), fall back to gloo, which reduces CUDA tensors through the host.
+    None: Accelerate's choice (NCCL on GPUs, gloo on CPUs)."""
+    if torch.cuda.is_available() and ranks_on_node() > torch.cuda.device_count():
+        return "gloo"
+    return None
+
+
+def cpu_threads(config_value: Optional[int]) -> int:
+    """`train.cpu_threads_per_rank`, or this node's cores shared out among its ranks. Not the
+    OMP_NUM_THREADS that `accelerate launch` exports: it sets 1 unless told otherwise (PITFALLS 3b), and
+    a rank cannot tell that default from a user's choice."""
+    if config_value is not None:
+        return config_value
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, ranks_on_node()))
+
+
+def _tune_kernels(deterministic: bool) -> None:
+    """cuDNN autotuning picks the fastest convolution per shape, at the price of run-to-run bits.
+    Deterministic mode trades that speed for kernels that give the same bits on every run."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")      # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+# D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks autograd on
+# CUDA (PITFALLS 11), so each rank keeps its own BN running stats. Bucket views: the grads live in DDP's
+# buckets, which saves a copy of them each step.
+DDP_OPTIONS = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     precision = resolve_mixed_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    _tune_kernels(cfg.train.deterministic)
+    backend = process_group_backend()
     accelerator = Accelerator(
         # Without cpu=True a multi-machine CPU job silently becomes N standalone processes (PITFALLS 2).
         cpu=not torch.cuda.is_available(),
@@ -69,12 +110,13 @@ def build_accelerator(cfg: Config) -> Accelerator:
         log_with="wandb" if cfg.wandb.mode != "disabled" else None,
         project_dir=cfg.run_dir,
         kwargs_handlers=[
-            # D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks
-            # autograd on CUDA (PITFALLS 11). Each rank keeps its own BN running stats instead.
-            DistributedDataParallelKwargs(broadcast_buffers=False),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+            DistributedDataParallelKwargs(**DDP_OPTIONS),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s),
+                                   **({"backend": backend} if backend else {})),
         ],
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads_per_rank))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
@@ -87,13 +129,68 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
         print("warning: fp16 on CPU runs in fp32 without a GradScaler; use --mixed_precision bf16",
               file=sys.stderr)
+    if backend == "gloo" and accelerator.is_main_process:
+        print(f"note: {ranks_on_node()} ranks share {torch.cuda.device_count()} GPU(s); NCCL needs a GPU per "
+              "rank, so this run reduces over gloo (slow: for tests, not for training)", file=sys.stderr)
     return accelerator
 
 
-def describe(accelerator: Accelerator, batch_per_rank: int) -> str:
+def prepare(accelerator: Accelerator, models: list, optimizers: list) -> tuple[list, list]:
+    """`accelerator.prepare`, except where ranks share a GPU: Accelerate gives rank r `device_ids=[r]`,
+    a device that does not exist there, so DDP is wrapped around the rank's real device here instead,
+    with the same options. Accelerate still places, registers and checkpoints everything."""
+    if accelerator.device.type != "cuda" or process_group_backend() != "gloo":
+        out = accelerator.prepare(*models, *optimizers)
+        return list(out[:len(models)]), list(out[len(models):])
+    from torch.nn.parallel import DistributedDataParallel
+
+    models = [DistributedDataParallel(accelerator.prepare_model(m, evaluation_mode=True),   # no DDP from it
+                                      device_ids=[accelerator.device.index], **DDP_OPTIONS) for m in models]
+    return models, [accelerator.prepare_optimizer(o) for o in optimizers]
+
+
+def autocast(accelerator: Accelerator):
+    """The one mixed-precision context for a whole D or G phase. The weight-cast cache is off because
+    a captured CUDA graph must not keep pointers into a cache that is freed when the context exits.
+    fp16 on a CPU stays fp32, as Accelerate runs it (PITFALLS 10)."""
+    device, precision = accelerator.device.type, accelerator.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    enabled = dtype is not None and (device == "cuda" or precision == "bf16")
+    return lambda: torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+def bare(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside any DDP wrapper, with Accelerate's per-forward autocast taken off again: the
+    step sets autocast once per phase (`autocast`), not once per call."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def use_cuda_graph(config_value: Optional[bool], accelerator: Accelerator) -> bool:
+    """`train.cuda_graph`, or on wherever a graph can hold the step: CUDA, with one rank or NCCL (a
+    graph can replay NCCL collectives, not gloo's host-side ones)."""
+    problem = None
+    if accelerator.device.type != "cuda":
+        problem = "this run has no CUDA device"
+    elif accelerator.num_processes > 1 and accelerator.state.backend != "nccl":
+        problem = f"its ranks reduce over {accelerator.state.backend}, and a graph can only replay NCCL"
+    if config_value is None:
+        return problem is None
+    if config_value and problem:
+        raise ConfigError(f"config key 'train.cuda_graph' is true but {problem}; set it to false or null")
+    return config_value
+
+
+def graph_stream(accelerator: Accelerator, graph: bool) -> Optional["torch.cuda.Stream"]:
+    """The side stream that DDP is built on, the warm-up runs on and the graph is captured on: DDP's
+    autograd hooks must belong to the capture stream (CUDA semantics docs, 'DDP and CUDA graphs')."""
+    return torch.cuda.Stream(accelerator.device) if graph else None
+
+
+def describe(accelerator: Accelerator, batch_per_rank: int, graph: bool = False) -> str:
     device = accelerator.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return (f"world_size={accelerator.num_processes} device={device} ({name}) "
+    threads = f" threads={torch.get_num_threads()}" if device.type == "cpu" else f" cuda_graph={graph}"
+    return (f"world_size={accelerator.num_processes} device={device} ({name}){threads} "
             f"mixed_precision={accelerator.mixed_precision} backend={accelerator.state.backend or 'none'} "
             f"batch_per_rank={batch_per_rank} global_batch={batch_per_rank * accelerator.num_processes}")
 
@@ -124,12 +221,12 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
 
 
-def all_min(accelerator: Accelerator, value: torch.Tensor) -> int:
-    """The minimum of an integer tensor over all ranks, as a Python int (a sync)."""
+def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:
+    """The elementwise minimum of an integer tensor over all ranks, as Python ints (a sync)."""
     value = value.clone()
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MIN)
-    return int(value.item())
+    return [int(v) for v in value.flatten().tolist()]
 
 
 def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None:

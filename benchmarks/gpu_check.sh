@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The GPU check: everything the GPU path needs measured, in one run of under 8 minutes on one H100.
+#
+#   benchmarks/gpu_check.sh [--device cuda|cpu]
+#
+#   1. tests     the `gpu` tests (pytest -m gpu): bf16 and fp16 runs, graph vs eager, exact resume, ...
+#   2. step      train_throughput.py: legacy step -> each optimisation -> CUDA graph, batch 128/256/512,
+#                bf16 and fp16, 300 timed steps per row
+#   3. loader    data_throughput.py into GPU memory with the trainer's default worker count
+#   4. train     an end-to-end `accelerate launch` run (loader, W&B offline, checkpoints), then a resume
+#   5. scaling   scaling_model.py: 8 ranks' all-reduce cost against the measured step times
+#
+# Every part runs even if an earlier one failed; the exit status is non-zero if any failed. Prints a
+# summary table with the card's name; with $OUT set, writes gpu_check.json and each part's log there.
+# --device cpu runs the same parts, small, so the script itself is tested without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=cuda; ONLY=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=${2:?}; shift 2 ;;
+        --only) ONLY=${2:?}; shift 2 ;;      # internal: run one shell-function part under `timeout`
+        *) echo "usage: $0 [--device cuda|cpu]" >&2; exit 2 ;;
+    esac
+done
+PY=${PYTHON:-python3}
+LOGS=${OUT:-$(mktemp -d)}
+if [ -z "$ONLY" ]; then
+    WORK=$(mktemp -d)
+    trap 'rm -rf "$WORK"' EXIT
+fi
+export WORK
+export WANDB_SILENT=true PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ACCELERATE=("$PY" -m accelerate.commands.accelerate_cli launch)
+
+if [ "$DEVICE" = cuda ]; then
+    IMAGES=1500; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
+    TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300); MORE=900
+else
+    IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
+    LOADER_BATCHES=20; MORE=6
+    TRAIN=(train.steps=4 train.log_every=2 train.ckpt_every=2 train.sample_every=4 data.batch_size=16
+           model.ngf=16 model.ndf=16 data.shuffle_buffer=64)
+fi
+
+PARTS=(); RESULTS=()
+part() {   # part NAME TIMEOUT_S COMMAND...: run it, log it, time it, never stop the script
+    local name=$1 limit=$2 t0 rc; shift 2
+    echo "== $name: $*"
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1; rc=$?
+    tail -n 25 "$LOGS/$name.log"
+    PARTS+=("$name"); RESULTS+=("$rc:$(( $(date +%s) - t0 ))")
+    echo "== $name: exit $rc in $(( $(date +%s) - t0 )) s"
+}
+
+data() {
+    "$PY" launch/make_synthetic.py --output "$WORK/syn" --num "$IMAGES" --seed 0 &&
+    "$PY" launch/shard.py --input "$WORK/syn" --output "$WORK/shards" --resolution 64 --split train \
+        --shard-size 200 --workers 4
+}
+
+train_and_resume() {
+    local run=(launch/train.py --config configs/celeba64.yaml "data.shards=$WORK/shards" "run_dir=$WORK/run"
+               wandb.mode=offline "${TRAIN[@]}")
+    "${ACCELERATE[@]}" --num_processes 1 --mixed_precision bf16 "${run[@]}" || return 1
+    test -f "$WORK/run/checkpoints/step-$(printf %08d "${TRAIN[0]#train.steps=}")/COMPLETE" || return 1
+    "${ACCELERATE[@]}" --num_processes 1 --mixed_precision bf16 "${run[@]}" "train.steps=$MORE" || return 1
+    ls "$WORK"/run/wandb/offline-run-*/run-*.wandb >/dev/null || return 1
+    cp "$WORK/run/metrics.jsonl" "$LOGS/train_metrics.jsonl"
+}
+
+if [ -n "$ONLY" ]; then "$ONLY"; exit; fi
+
+echo "gpu_check on $DEVICE, $(date -u +%Y-%m-%dT%H:%MZ); logs in $LOGS"
+part data 60 "$0" --device "$DEVICE" --only data
+part tests 220 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+part step 180 "$PY" benchmarks/train_throughput.py "${TPUT[@]}"
+part loader 60 "$PY" benchmarks/data_throughput.py --shards "$WORK/shards" --batch-size 128 \
+    --batches "$LOADER_BATCHES" --device "$DEVICE"
+part train 120 "$0" --device "$DEVICE" --only train_and_resume
+tail -n 1 "$LOGS/step.log" >"$WORK/step.json"
+part scaling 30 "$PY" benchmarks/scaling_model.py --throughput "$WORK/step.json"
+
+"$PY" - "$LOGS" "$DEVICE" "${PARTS[@]}" -- "${RESULTS[@]}" <<'EOF'
+import datetime, json, platform, subprocess, sys
+from pathlib import Path
+
+import torch
+
+logs, device, rest = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+names, results = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+
+def last_json(name):
+    try:
+        return json.loads((logs / f"{name}.log").read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+card = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+if device == "cuda" and torch.cuda.is_available():
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    card.update(name=torch.cuda.get_device_name(), nvidia_smi=smi, cudnn=torch.backends.cudnn.version())
+else:
+    card["name"] = platform.processor() or "cpu"
+step, loader, scaling = last_json("step"), last_json("loader"), last_json("scaling")
+train = [json.loads(ln) for ln in (logs / "train_metrics.jsonl").read_text().splitlines()] \
+    if (logs / "train_metrics.jsonl").is_file() else []
+figures = {
+    "step": lambda: "best {:,.0f} img/s ({variant}, {precision}, batch {batch})".format(
+        max(r["images_per_s"] for r in step["results"]),
+        **max(step["results"], key=lambda r: r["images_per_s"])),
+    "loader": lambda: f"{loader['images_per_s']:,.0f} img/s into {device} memory, {loader['num_workers']} workers",
+    "train": lambda: f"{train[-1]['images_per_s']:,.0f} img/s end to end at step {train[-1]['step']}, resumed",
+    "scaling": lambda: f"batch/GPU for >= 90%: {scaling['smallest_batch_for_90pct']}",
+}
+summary = []
+print(f"\ncard: {card.get('name')}  {card.get('nvidia_smi', '')}  torch {card['torch']}  CUDA {card['cuda']}")
+print(f"{'part':<8} {'status':<6} {'seconds':>7}  figure")
+for name, result in zip(names, results):
+    rc, seconds = (int(x) for x in result.split(":"))
+    try:
+        figure = figures[name]() if name in figures else ""
+    except Exception:  # noqa: BLE001 - a failed part has no figure
+        figure = ""
+    summary.append({"part": name, "ok": rc == 0, "exit": rc, "seconds": seconds, "figure": figure})
+    print(f"{name:<8} {'ok' if rc == 0 else 'FAIL':<6} {seconds:>7}  {figure}")
+out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": device,
+       "card": card, "parts": summary, "step": step, "loader": loader, "train": train, "scaling": scaling}
+(logs / "gpu_check.json").write_text(json.dumps(out, indent=1))
+sys.exit(0 if all(s["ok"] for s in summary) else 1)
+EOF

@@ -1,0 +1,219 @@
+"""One training step, D then G, that never waits for the host; and the same step replayed as a CUDA graph.
+
+Losses, skip counts and the first bad step accumulate in device tensors (`Totals`) that the loop reads at
+log steps only. Nothing in a step calls `.item()`, so the whole step can be captured once with
+`torch.cuda.graph` and replayed: at 64 px a step is a few hundred small kernels, and launching them one
+by one from Python costs more than running them (docs/PERFORMANCE.md).
+
+Why a hand-written capture rather than `torch.compile(mode="reduce-overhead")`: with BatchNorm under DDP
+that skips cudagraphs or re-records every step (pytorch#139207, #140395), and DDP's `static_graph=True`
+fails when D runs forward twice before one backward (pytorch#58111). Capturing by hand avoids both.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from dcgan_dist import losses
+
+NO_STEP = 2**62                     # "no such step yet" in the device-side step markers
+
+# Adam warns on every eager step of a capturable instance; ours runs eagerly only for the warm-up.
+warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+
+
+@dataclass
+class Nets:
+    """G and D as prepared (DDP-wrapped on several ranks), the bare modules, and the inner torch
+    optimizers, unwrapped once: Accelerate's wrappers cost about 0.3 ms of Python per step
+    (shared/PITFALLS.md 25), which is 7-9% of a step at 200+ steps/s."""
+
+    G: nn.Module
+    D: nn.Module
+    G_local: nn.Module
+    D_local: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def clear(self) -> None:
+        """Drop every reference, so DDP's wrappers can be freed before the process group goes
+        (gloo aborts at exit otherwise: shared/PITFALLS.md 3)."""
+        self.__dict__.clear()
+
+
+class Totals:
+    """Device-side running totals. `stats` (sums of loss_d, loss_g, D(x), D(G(z))) covers the current
+    log interval; `skipped` ([D, G] updates skipped) the whole run. `first_bad` is the first step with a
+    non-finite loss, `gave_up` the step at which `max_consecutive_skips` was reached; NO_STEP if none.
+    Every update is in place, so a captured graph keeps writing to these same tensors."""
+
+    def __init__(self, device: torch.device, step: int, skipped: tuple[int, int] = (0, 0)):
+        long = dict(dtype=torch.int64, device=device)
+        self.stats = torch.zeros(4, device=device)
+        self.step = torch.tensor(step, **long)
+        self.skipped = torch.tensor(skipped, **long)
+        self.consecutive = torch.zeros((), **long)
+        self.first_bad = torch.tensor(NO_STEP, **long)
+        self.gave_up = torch.tensor(NO_STEP, **long)
+
+    def read(self) -> dict:
+        """One host sync: everything the log line needs."""
+        ints = torch.stack([self.skipped[0], self.skipped[1], self.first_bad, self.gave_up]).tolist()
+        return {"stats": self.stats.tolist(), "skipped_d": ints[0], "skipped_g": ints[1],
+                "first_bad": ints[2], "gave_up": ints[3]}
+
+
+class TrainStep:
+    """D step then G step on a uint8 batch already on the device, updating `totals`.
+
+    `scaler` is the fp16 GradScaler (None otherwise). `guard` skips any update whose gradients are not
+    finite (train.nonfinite=skip); both decide on the device, through fused Adam's `found_inf`, so the
+    host never waits. Every rank decides alike because the gradients are all-reduced by then.
+    """
+
+    def __init__(self, nets: Nets, totals: Totals, autocast: Callable[[], AbstractContextManager],
+                 scaler: Optional[torch.amp.GradScaler], guard: bool, max_consecutive_skips: int):
+        self.nets, self.totals, self.autocast = nets, totals, autocast
+        self.scaler, self.guard, self.limit = scaler, guard, max_consecutive_skips
+        device = totals.stats.device
+        self.one = torch.ones((), device=device)
+        self.fault_steps = _fault_overflow_steps()
+        self.fault = torch.ones((), device=device) if self.fault_steps else None
+
+    def inject(self, step: int) -> None:
+        """DCGAN_FAULT_OVERFLOW=STEP[,STEP...]: the backward pass of those steps (1-based, as logged)
+        sees an infinite loss, as an fp16 overflow would. An eager fill, so it works under a graph too."""
+        if self.fault is not None:
+            self.fault.fill_(float("inf") if step + 1 in self.fault_steps else 1.0)
+
+    def __call__(self, real_u8: torch.Tensor, z: torch.Tensor) -> None:
+        n = self.nets
+        real = real_u8.float().div_(127.5).sub_(1.0)                 # uint8 -> [-1, 1], layout kept
+        # D phase. G's forward keeps its graph: the G phase reuses `fake` (as the paper's code does).
+        with self.autocast():
+            fake = n.G(z)
+            real_logits, fake_logits = n.D(real), n.D(fake.detach())  # two passes: BN stats per batch
+            loss_d = losses.d_loss(real_logits, fake_logits)
+        applied_d = self._update(n.opt_d, loss_d)
+        # G phase, through the bare D with its grads off: no D grads are computed or all-reduced.
+        n.D_local.requires_grad_(False)
+        with self.autocast():
+            loss_g = losses.g_loss(n.D_local(fake))
+        applied_g = self._update(n.opt_g, loss_g)
+        n.D_local.requires_grad_(True)
+        stats = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.detach()).mean(),
+                             torch.sigmoid(fake_logits.detach()).mean()]).float()
+        self._account(stats, applied_d, applied_g)
+
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """backward + step. Returns a device bool, True if the update applied (None: always applies)."""
+        opt.zero_grad(set_to_none=True)
+        if self.fault is not None:
+            loss = loss * self.fault
+        if self.scaler is not None:
+            scaled = self.scaler.scale(loss)          # creates the scale tensor on first use
+            before = self.scaler._scale.clone()
+            scaled.backward()
+            self.scaler.step(opt)             # fused Adam takes the scale and found_inf: no sync
+            self.scaler.update()
+            return self.scaler._scale >= before      # it only backs off when it found an inf
+        loss.backward()
+        if not self.guard:
+            opt.step()
+            return None
+        found_inf = self._found_inf(opt)
+        opt.found_inf, opt.grad_scale = found_inf, None      # fused Adam skips on the device
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf, opt.grad_scale
+        return found_inf == 0
+
+    def _found_inf(self, opt: torch.optim.Optimizer) -> torch.Tensor:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        found = torch.zeros((), device=self.one.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)   # GradScaler's own check
+        return found
+
+    def _account(self, stats: torch.Tensor, applied_d, applied_g) -> None:
+        t = self.totals
+        t.step.add_(1)
+        finite = torch.isfinite(stats[:2]).all()
+        if self.guard:          # skipped steps are counted instead; keep them out of the logged means
+            t.stats.add_(torch.where(finite, stats, torch.zeros_like(stats)))
+        else:
+            t.stats.add_(stats)
+            t.first_bad.copy_(torch.where(finite, t.first_bad, torch.minimum(t.first_bad, t.step)))
+        if applied_d is None:
+            return
+        skipped = torch.stack([~applied_d, ~applied_g]).long()
+        t.skipped.add_(skipped)
+        t.consecutive.copy_(torch.where(skipped.any(), t.consecutive + 1, torch.zeros_like(t.consecutive)))
+        hit = t.consecutive >= self.limit
+        t.gave_up.copy_(torch.where(hit, torch.minimum(t.gave_up, t.step), t.gave_up))
+
+
+def _fault_overflow_steps() -> frozenset[int]:
+    spec = os.environ.get("DCGAN_FAULT_OVERFLOW", "")
+    return frozenset(int(s) for s in spec.split(",") if s.strip())
+
+
+class StepRunner:
+    """Feeds `TrainStep` from static input buffers, eagerly or as one CUDA graph.
+
+    The batch and the noise are copied into the same buffers every step, so a captured graph reads new
+    data on each replay. With `graph`, the first `warmup_steps` run eagerly on a side stream (DDP needs
+    11 such steps before capture; optimizer and scaler state are created there), the next step is
+    captured on that same stream, and every step from then on is one `replay()`. The warm-up and the
+    capture are real training steps: nothing is run twice.
+    """
+
+    def __init__(self, step: TrainStep, batch_shape: tuple[int, ...], nz: int, device: torch.device,
+                 channels_last: bool, graph: bool = False, warmup_steps: int = 3,
+                 stream: Optional["torch.cuda.Stream"] = None):
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.step = step
+        self.real_u8 = torch.empty(batch_shape, dtype=torch.uint8, device=device, memory_format=layout)
+        self.z = torch.empty(batch_shape[0], nz, device=device)
+        self.use_graph, self.warmup_steps = graph, warmup_steps
+        self.stream = stream if stream is not None or not graph else torch.cuda.Stream(device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.eager_steps = 0
+
+    def __call__(self, batch_u8: torch.Tensor, step: int) -> None:
+        """Train on `batch_u8` (uint8, host or device) as step `step` (0-based)."""
+        self.real_u8.copy_(batch_u8, non_blocking=True)
+        self.z.normal_()
+        self.step.inject(step)
+        if not self.use_graph:
+            self.step(self.real_u8, self.z)
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.eager_steps < self.warmup_steps:
+            self._on_side_stream(lambda: self.step(self.real_u8, self.z))
+            self.eager_steps += 1
+        else:
+            self._capture()
+            self.graph.replay()                  # capturing records the step; replaying runs it
+
+    def _on_side_stream(self, fn) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _capture(self) -> None:
+        for opt in (self.step.nets.opt_d, self.step.nets.opt_g):
+            opt.zero_grad(set_to_none=True)       # grads are then allocated from the graph's own pool
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread keeps running while we capture.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            self.step(self.real_u8, self.z)
+        self.graph = graph

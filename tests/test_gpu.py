@@ -1,0 +1,141 @@
+"""The CUDA path, for real: bf16 and fp16 (with the real GradScaler) runs, the whole-step CUDA graph
+against eager, exact resume under deterministic kernels, pinned-memory batches, two ranks sharing one
+card over gloo, and a graph captured under DDP with NCCL. Skipped without CUDA; benchmarks/gpu_check.sh
+runs them on a GPU machine."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import accelerate_launch, read_metrics, run
+from test_faults import kill_group, last_step, start, wait_for
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def shards64(celeba_parent, tmp_path_factory):
+    from dcgan_dist.data.celeba import open_source
+    from dcgan_dist.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards64")
+    write_shards(open_source(celeba_parent, "train"), out, resolution=64, split="train", shard_size=50,
+                 workers=2, progress=False, images_per_block=16)
+    return out
+
+
+def args(shards, run_dir, steps=20, **over):
+    keys = {"data.shards": shards, "run_dir": run_dir, "model.ngf": 32, "model.ndf": 32, "data.batch_size": 32,
+            "data.shuffle_buffer": 64, "train.steps": steps, "train.log_every": 1, "train.sample_every": 10,
+            "train.ckpt_every": 5, "train.keep_ckpts": 2, "train.num_samples": 16, "wandb.mode": "offline", **over}
+    return ["launch/train.py", "--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in keys.items()]]
+
+
+def one_gpu(precision, *rest):
+    return ["--mixed_precision", precision, *rest]
+
+
+def assert_close_traces(a, b, rel, note):
+    assert [r["step"] for r in a] == [r["step"] for r in b], note
+    for x, y in zip(a, b):
+        for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+            assert math.isclose(x[key], y[key], rel_tol=rel, abs_tol=rel), f"{note}: step {x['step']} {key} {x[key]} vs {y[key]}"
+
+
+def test_bf16_run_uses_the_graph_checkpoints_logs_and_resumes(shards64, tmp_path):
+    run_dir = tmp_path / "run"
+    out = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir)), num_processes=1, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "device=cuda:0" in out.stdout and "cuda_graph=True" in out.stdout and "mixed_precision=bf16" in out.stdout
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert all(math.isfinite(r["loss_d"]) and 0 < r["d_real"] < 1 for r in rows)
+    assert (run_dir / "checkpoints/step-00000020/COMPLETE").is_file()
+    assert len(list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))) == 1
+    again = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir, steps=30)), num_processes=1, timeout=400)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resuming from" in again.stdout
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_fp16_grad_scaler_skips_forced_overflows(shards64, tmp_path, graph):
+    run_dir = tmp_path / "run"
+    out = accelerate_launch(one_gpu("fp16", *args(shards64, run_dir, steps=10, **{"train.cuda_graph": graph})),
+                            num_processes=1, env={**os.environ, "DCGAN_FAULT_OVERFLOW": "5,6"}, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"cuda_graph={graph}" in out.stdout and "mixed_precision=fp16" in out.stdout
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    for key in ("skipped_d", "skipped_g"):
+        assert rows[6][key] - rows[4][key] >= 2, (key, rows[4], rows[6])   # both forced steps skipped
+    assert all(math.isfinite(r["loss_d"]) for r in rows.values())
+
+
+def test_graph_gives_the_eager_losses_within_bf16_tolerance(shards64, tmp_path):
+    traces = {}
+    for graph in (False, True):
+        run_dir = tmp_path / f"graph-{graph}"
+        out = run([sys.executable, *args(shards64, run_dir, **{"train.cuda_graph": graph,
+                                                                "train.deterministic": True,
+                                                                "train.mixed_precision": "bf16",
+                                                                "wandb.mode": "disabled"})], timeout=400)
+        assert out.returncode == 0, out.stderr[-4000:]
+        traces[graph] = read_metrics(run_dir)
+    assert_close_traces(traces[True], traces[False], 2e-2, "graph vs eager")
+
+
+def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
+    det = {"train.deterministic": True, "train.ckpt_every": 4, "data.num_workers": 2}
+    straight = tmp_path / "straight"
+    out = accelerate_launch(one_gpu("bf16", *args(shards64, straight, steps=24, **det)), num_processes=1, timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run_dir = tmp_path / "killed"
+    proc = start(["--mixed_precision", "bf16", *args(shards64, run_dir, steps=24, **det)], num_processes=1)
+    wait_for(lambda: last_step(run_dir) >= 10, proc, timeout=300, what="step 10")
+    kill_group(proc)
+    out = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir, steps=24, **det)), num_processes=1, timeout=400)
+    assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-4000:]
+    assert_close_traces(read_metrics(run_dir), read_metrics(straight), 1e-4, "kill -9 + resume vs straight")
+
+
+def test_loader_hands_over_pinned_batches(shards64):
+    from dcgan_dist.data.shards import read_manifest, shard_paths
+    from dcgan_dist.data.stream import make_loader, stop_loader
+    from dcgan_dist.train.dist import loader_workers
+
+    workers = loader_workers(None, torch.device("cuda"))
+    assert workers >= 1
+    loader = make_loader(shard_paths(shards64, read_manifest(shards64)), 32, 64, 0, 0, 1, workers, 64,
+                         pin_memory=True)
+    batches = iter(loader)
+    try:
+        images, _ = next(batches)
+        assert images.is_pinned() and images.dtype == torch.uint8
+        on_gpu = images.to("cuda", non_blocking=True)
+        assert torch.equal(on_gpu.cpu(), images)
+    finally:
+        stop_loader(batches)
+
+
+def test_two_ranks_share_one_gpu_over_gloo(shards64, tmp_path):
+    if torch.cuda.device_count() > 1:
+        pytest.skip("needs ranks to outnumber GPUs")
+    run_dir = tmp_path / "run"
+    out = accelerate_launch(["--mixed_precision", "bf16", *args(shards64, run_dir, steps=10)], num_processes=2,
+                            timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "world_size=2" in out.stdout and "backend=gloo" in out.stdout and "cuda_graph=False" in out.stdout
+    assert "2 ranks share 1 GPU(s)" in out.stderr
+    replicas = json.loads((run_dir / "checkpoints/step-00000010/replicas.json").read_text())
+    assert replicas["ranks"] == 2 and replicas["digest"]["0"] == replicas["digest"]["1"]
+
+
+def test_graph_captures_ddp_over_nccl(tmp_path):
+    out = run([sys.executable, "tests/scripts/ddp_graph.py"], timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ddp"] and result["replays"] >= 10
+    assert_close_traces(result["graph"], result["eager"], 2e-2, "DDP graph vs DDP eager")
