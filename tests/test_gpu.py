@@ -88,7 +88,7 @@ def test_graph_gives_the_eager_losses_within_bf16_tolerance(shards64, tmp_path):
 
 
 def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
-    det = {"train.deterministic": True, "train.ckpt_every": 4, "data.num_workers": 2}
+    det = {"train.deterministic": True, "train.ckpt_every": 4, "data.num_workers": 2, "wandb.mode": "disabled"}
     straight = tmp_path / "straight"
     out = accelerate_launch(one_gpu("bf16", *args(shards64, straight, steps=24, **det)), num_processes=1, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -124,7 +124,8 @@ def test_two_ranks_share_one_gpu_over_gloo(shards64, tmp_path):
     if torch.cuda.device_count() > 1:
         pytest.skip("needs ranks to outnumber GPUs")
     run_dir = tmp_path / "run"
-    out = accelerate_launch(["--mixed_precision", "bf16", *args(shards64, run_dir, steps=10)], num_processes=2,
+    out = accelerate_launch(["--mixed_precision", "bf16", *args(shards64, run_dir, steps=10, **{"wandb.mode": "disabled"})],
+                            num_processes=2,
                             timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "world_size=2" in out.stdout and "backend=gloo" in out.stdout and "cuda_graph=False" in out.stdout

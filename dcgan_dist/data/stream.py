@@ -6,10 +6,14 @@ Why a hand-rolled IterableDataset instead of `accelerator.prepare(loader)` (see 
   - each (rank, worker) "stream" owns a disjoint slice of the shards and a seed of its own, so the data
     seen is a pure function of (seed, rank, stream, step), and a resumed run can start at any step.
 
-Batch b of a rank comes from stream role b % num_workers, because DataLoader hands out worker outputs
-round robin. A run resumed at step s rotates the roles so that worker 0 plays role s % num_workers, and
-each role skips the batches it produced before s without handing them out. That makes the batches
-after a resume the same as those of an uninterrupted run.
+Workers hand over chunks of `chunk` consecutive batches, split back into batches in the training
+process: each hand-over costs that process about 2 ms (shared memory and a file descriptor), which
+capped a GPU rank at about 63k img/s whatever the worker count (docs/PERFORMANCE.md). Chunk c of a rank
+comes from stream role c % num_workers, because DataLoader hands out worker outputs round robin. A run
+resumed at step s starts in chunk c0 = s // chunk: it rotates the roles so that worker 0 plays role
+c0 % num_workers, each role skips the chunks it produced before c0 without handing them out, and the
+first s % chunk batches of chunk c0 are dropped here. That makes the batches after a resume the same
+as those of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -87,29 +91,32 @@ class BatchStream(IterableDataset):
     MAX_WARNINGS = 5
 
     def __init__(self, shards: list[str], batch_size: int, resolution: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0):
+                 world_size: int, num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0,
+                 chunk: int = 1):
         super().__init__()
         self.shards, self.batch_size, self.resolution = list(shards), batch_size, resolution
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_roles = max(1, num_workers)
-        self.shuffle_buffer, self.start_step = shuffle_buffer, start_step
+        self.shuffle_buffer, self.start_step, self.chunk = shuffle_buffer, start_step, chunk
         self.bad = self.warned = 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        role = (worker + self.start_step) % self.num_roles
+        first_chunk = self.start_step // self.chunk
+        role = (worker + first_chunk) % self.num_roles
         stream_id = self.rank * self.num_roles + role
         shards = stream_shards(self.shards, self.world_size * self.num_roles, stream_id)
         rng = np.random.default_rng([self.seed, self.rank, role])
         pool = ShufflePool(self._blocks(shards, rng), max(self.shuffle_buffer, self.batch_size), rng)
-        skip = max(0, -(-(self.start_step - role) // self.num_roles))  # ceil((start - role) / roles)
-        for _ in range(skip):
+        skip = max(0, -(-(first_chunk - role) // self.num_roles))  # ceil((first - role) / roles)
+        for _ in range(skip * self.chunk):
             pool.draw(self.batch_size, keep=False)
         self.bad = 0                      # problems met while skipping were counted by the first run
         while True:
+            draws = [pool.draw(self.batch_size) for _ in range(self.chunk)]
             # NHWC storage seen as NCHW: the channels_last layout the models run in, with no copy.
-            images = torch.from_numpy(pool.draw(self.batch_size)).permute(0, 3, 1, 2)
+            images = torch.from_numpy(draws[0] if self.chunk == 1 else np.concatenate(draws)).permute(0, 3, 1, 2)
             bad, self.bad = self.bad, 0
             yield images, bad
 
@@ -149,17 +156,52 @@ class BatchStream(IterableDataset):
         return block
 
 
+CHUNK_IMAGES = 512                     # images per worker hand-over: 4 batches of 128, 6 MB at 64 px
+
+
+class Loader:
+    """Iterating gives `Batches`: (images, bad) one batch at a time, from a DataLoader of chunks."""
+
+    def __init__(self, loader: DataLoader, batch_size: int, drop_first: int):
+        self.loader, self.batch_size, self.drop_first = loader, batch_size, drop_first
+
+    def __iter__(self) -> "Batches":
+        return Batches(iter(self.loader), self.batch_size, self.drop_first)
+
+
+class Batches:
+    """Splits each chunk into batches (views: a pinned chunk gives pinned batches) and drops the first
+    `drop_first`, which a resume in mid-chunk has trained on already."""
+
+    def __init__(self, chunks: Iterator, batch_size: int, drop_first: int):
+        self.chunks, self.batch_size, self.drop = chunks, batch_size, drop_first
+        self.pending: list[tuple[torch.Tensor, int]] = []
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, int]:
+        while not self.pending:
+            images, bad = next(self.chunks)
+            parts = images.split(self.batch_size)
+            self.pending = [(part, bad if i == 0 else 0) for i, part in enumerate(parts)][self.drop:]
+            self.drop = 0
+        return self.pending.pop(0)
+
+
 def make_loader(shards: list[str], batch_size: int, resolution: int, seed: int,
                 rank: int, world_size: int, num_workers: int, shuffle_buffer: int, start_step: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False) -> Loader:
+    chunk = max(1, CHUNK_IMAGES // batch_size) if num_workers else 1
     ds = BatchStream(shards, batch_size, resolution, seed, rank, world_size, num_workers, shuffle_buffer,
-                     start_step)
+                     start_step, chunk)
     # Its own generator: creating the iterator draws a base seed, which must not come from (and shift)
     # the global torch RNG that the training noise uses, or a resumed run would draw different noise.
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(seed + 1000 * rank),
-                      worker_init_fn=_ignore_stop_signals)
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        prefetch_factor=max(2, 4 // chunk) if num_workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(seed + 1000 * rank),
+                        worker_init_fn=_ignore_stop_signals)
+    return Loader(loader, batch_size, start_step % chunk)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -182,6 +224,7 @@ def next_batch(batches: Iterator) -> tuple[torch.Tensor, int]:
 def stop_loader(batches: Iterator) -> None:
     """Stop a loader iterator's worker processes now, even while an exception still references it;
     left to garbage collection, interpreter exit can wait forever on a worker nobody has told to stop."""
+    batches = getattr(batches, "chunks", batches)
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
