@@ -138,5 +138,5 @@ def test_graph_captures_ddp_over_nccl(tmp_path):
     out = run([sys.executable, "tests/scripts/ddp_graph.py"], timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["ddp"] and result["replays"] >= 10
+    assert result["ddp"] and result["replays"] == result["expected_replays"] > 0   # 11 eager, 1 captured
     assert_close_traces(result["graph"], result["eager"], 2e-2, "DDP graph vs DDP eager")

@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_text, fsync_dir
+from dcgan_dist.train.dist import barrier
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -75,10 +76,10 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)      # left over from a save killed half-way
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
     _fault_injection_pause(step)
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
         atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
@@ -89,7 +90,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
         os.replace(tmp, final)
         fsync_dir(final.parent)
         rotate(run_dir, keep)
-    accelerator.wait_for_everyone()
+    barrier(accelerator)
     return final
 
 

@@ -149,6 +149,15 @@ def prepare(accelerator: Accelerator, models: list, optimizers: list) -> tuple[l
     return models, [accelerator.prepare_optimizer(o) for o in optimizers]
 
 
+def barrier(accelerator: Accelerator) -> None:
+    """`accelerator.wait_for_everyone()`, except where ranks share a GPU: it calls
+    `barrier(device_ids=[local_rank])`, and cuda:1 does not exist on a one-GPU box (seen on an H100)."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and process_group_backend() == "gloo":
+        torch.distributed.barrier(device_ids=[accelerator.device.index])
+    else:
+        accelerator.wait_for_everyone()
+
+
 def autocast(accelerator: Accelerator):
     """The one mixed-precision context for a whole D or G phase. The weight-cast cache is off because
     a captured CUDA graph must not keep pointers into a cache that is freed when the context exits.
@@ -239,7 +248,7 @@ def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None
         owner.clear()
     gc.collect()
     if clean:
-        accelerator.wait_for_everyone()
+        barrier(accelerator)
     accelerator.end_training()
     accelerator.free_memory()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
