@@ -1,5 +1,6 @@
 """The benchmarks must keep running (their numbers are for docs/PERFORMANCE.md, never asserted here)."""
 import json
+import os
 import sys
 
 from conftest import run
@@ -32,3 +33,17 @@ def test_demo_memory_measures_every_process(shards32):
     result = last_json(out)
     assert result["processes"] >= 3                        # the launcher and both ranks, at least
     assert result["peak_rss_mb"] >= result["peak_pss_mb"] > 100
+
+
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    """The GPU check is prepared on the CPU, so that GPU time only measures: every part must pass here."""
+    out = run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu"], timeout=400,
+              env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [p["part"] for p in report["parts"]] == ["data", "tests", "step", "loader", "train", "scaling"]
+    assert all(p["ok"] for p in report["parts"]), report["parts"]
+    assert {r["variant"] for r in report["step"]["results"]} == {"legacy", "eager"}
+    assert report["train"][-1]["step"] == 6 and report["loader"]["images_per_s"] > 0
+    assert report["scaling"]["gradient_mb"]["D"] > 0
+    assert "card:" in out.stdout and "scaling" in out.stdout

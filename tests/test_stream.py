@@ -44,6 +44,24 @@ def test_restart_at_a_step_continues_the_same_stream(shards32, workers):
         assert all(torch.equal(a, b) for a, b in zip(full[start:], resumed)), f"start_step={start}"
 
 
+def test_restart_past_the_first_chunk_with_workers(shards32):
+    # With workers, each hand-over is a chunk of 512 // 16 = 32 batches: restart in the middle of the
+    # second and the third chunk, where the worker roles have rotated.
+    full = batches(shards32, 0, 80, workers=2)
+    for start in (33, 70):
+        resumed = batches(shards32, 0, 80 - start, workers=2, start_step=start)
+        assert all(torch.equal(a, b) for a, b in zip(full[start:], resumed)), f"start_step={start}"
+
+
+def test_chunks_are_handed_over_as_pinned_views_of_one_chunk(shards32):
+    loader = make_loader(shard_paths(shards32), 16, 32, 0, 0, 1, 1, shuffle_buffer=64)
+    it = iter(loader)
+    first, second = next(it)[0], next(it)[0]
+    assert first.shape == second.shape == (16, 3, 32, 32)
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()   # one hand-over
+    assert first.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_seed_changes_the_order(shards32):
     a, b = batches(shards32, 0, 1, 0, seed=0)[0], batches(shards32, 0, 1, 0, seed=1)[0]
     assert not torch.equal(a, b)

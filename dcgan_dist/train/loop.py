@@ -141,7 +141,7 @@ def train(cfg: Config) -> None:
 
 
 def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: dict, graph: bool,
-            stream) -> StepRunner:
+                stream: Optional["torch.cuda.Stream"]) -> StepRunner:
     totals = Totals(accelerator.device, trainer_state["step"],
                     (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
