@@ -135,11 +135,17 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
+def ranks_share_gpus(accelerator: Accelerator) -> bool:
+    """CUDA ranks reducing over gloo: `process_group_backend` chose it because ranks outnumber GPUs.
+    Accelerate then names devices that do not exist (cuda:local_rank), so `prepare` and `barrier` step in."""
+    return accelerator.device.type == "cuda" and accelerator.state.backend == "gloo"
+
+
 def prepare(accelerator: Accelerator, models: list, optimizers: list) -> tuple[list, list]:
     """`accelerator.prepare`, except where ranks share a GPU: Accelerate gives rank r `device_ids=[r]`,
     a device that does not exist there, so DDP is wrapped around the rank's real device here instead,
     with the same options. Accelerate still places, registers and checkpoints everything."""
-    if accelerator.device.type != "cuda" or process_group_backend() != "gloo":
+    if not ranks_share_gpus(accelerator):
         out = accelerator.prepare(*models, *optimizers)
         return list(out[:len(models)]), list(out[len(models):])
     from torch.nn.parallel import DistributedDataParallel
@@ -152,7 +158,7 @@ def prepare(accelerator: Accelerator, models: list, optimizers: list) -> tuple[l
 def barrier(accelerator: Accelerator) -> None:
     """`accelerator.wait_for_everyone()`, except where ranks share a GPU: it calls
     `barrier(device_ids=[local_rank])`, and cuda:1 does not exist on a one-GPU box (seen on an H100)."""
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and process_group_backend() == "gloo":
+    if ranks_share_gpus(accelerator):
         torch.distributed.barrier(device_ids=[accelerator.device.index])
     else:
         accelerator.wait_for_everyone()

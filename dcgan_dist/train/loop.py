@@ -29,7 +29,7 @@ from dcgan_dist.report import write_report
 from dcgan_dist.sample import sample
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
-from dcgan_dist.train.step import NO_STEP, Nets, StepRunner, Totals, TrainStep
+from dcgan_dist.train.step import NO_STEP, Nets, StepRunner, Totals, TrainStep, on_stream
 
 
 def preflight(cfg: Config) -> dict:
@@ -58,13 +58,8 @@ def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.St
     # Fused: one kernel per update, and it can skip an update on the device (found_inf), never syncing.
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=betas, fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=betas, fused=True)
-    if stream is None:
+    with on_stream(stream):                  # DDP is built on the stream the graph is captured on
         (G, D), (opt_g, opt_d) = dist.prepare(accelerator, [G, D], [opt_g, opt_d])
-    else:                                     # DDP is built on the stream the graph is captured on
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            (G, D), (opt_g, opt_d) = dist.prepare(accelerator, [G, D], [opt_g, opt_d])
-        torch.cuda.current_stream().wait_stream(stream)
     return Nets(G=G, D=D, G_local=dist.bare(accelerator, G), D_local=dist.bare(accelerator, D),
                 opt_g=opt_g.optimizer, opt_d=opt_d.optimizer)
 

@@ -11,6 +11,7 @@ fails when D runs forward twice before one backward (pytorch#58111). Capturing b
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from contextlib import AbstractContextManager
@@ -164,6 +165,19 @@ def _fault_overflow_steps() -> frozenset[int]:
     return frozenset(int(s) for s in spec.split(",") if s.strip())
 
 
+@contextlib.contextmanager
+def on_stream(stream: Optional["torch.cuda.Stream"]):
+    """Run the block on `stream`, ordered after the work already queued and before the work that follows
+    on the current stream. None: the current stream, as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 class StepRunner:
     """Feeds `TrainStep` from static input buffers, eagerly or as one CUDA graph.
 
@@ -196,17 +210,12 @@ class StepRunner:
         elif self.graph is not None:
             self.graph.replay()
         elif self.eager_steps < self.warmup_steps:
-            self._on_side_stream(lambda: self.step(self.real_u8, self.z))
+            with on_stream(self.stream):
+                self.step(self.real_u8, self.z)
             self.eager_steps += 1
         else:
             self._capture()
             self.graph.replay()                  # capturing records the step; replaying runs it
-
-    def _on_side_stream(self, fn) -> None:
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
 
     def _capture(self) -> None:
         for opt in (self.step.nets.opt_d, self.step.nets.opt_g):

@@ -13,7 +13,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan_dist.models import build_models
-from dcgan_dist.train.step import Nets, StepRunner, Totals, TrainStep
+from dcgan_dist.train.step import Nets, StepRunner, Totals, TrainStep, on_stream
 
 STEPS, BATCH, WARMUP = 20, 32, 11
 
@@ -27,19 +27,17 @@ def free_port() -> int:
 def trace(graph: bool, batches: list[torch.Tensor]) -> tuple[list[dict], int, bool]:
     torch.manual_seed(0)
     G, D = (m.cuda().to(memory_format=torch.channels_last) for m in build_models(100, 32, 32, 64))
-    stream = torch.cuda.Stream() if graph else torch.cuda.current_stream()   # DDP on the capture stream
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    stream = torch.cuda.Stream() if graph else None
+    with on_stream(stream):                                   # DDP on the capture stream
         G_ddp = DDP(G, device_ids=[0], broadcast_buffers=False, gradient_as_bucket_view=True)
         D_ddp = DDP(D, device_ids=[0], broadcast_buffers=False, gradient_as_bucket_view=True)
-    torch.cuda.current_stream().wait_stream(stream)
     opts = [torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999), fused=True, capturable=graph) for m in (G, D)]
     nets = Nets(G=G_ddp, D=D_ddp, G_local=G, D_local=D, opt_g=opts[0], opt_d=opts[1])
     totals = Totals(torch.device("cuda"), 0)
     step = TrainStep(nets, totals, lambda: torch.autocast("cuda", torch.bfloat16, cache_enabled=False), None,
                      False, 20)
     runner = StepRunner(step, (BATCH, 3, 64, 64), 100, torch.device("cuda"), True, graph=graph,
-                        warmup_steps=WARMUP, stream=stream if graph else None)
+                        warmup_steps=WARMUP, stream=stream)
     rows, replays = [], 0
     for i, batch in enumerate(batches):
         replays += runner.graph is not None
