@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
-def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Discriminator: -log D(x) - log(1 - D(G(z))), averaged over each batch."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_target: float = 1.0) -> torch.Tensor:
+    """Discriminator: BCE against `real_target` for reals (1 in the paper; 1 - eps with one-sided label
+    smoothing, Salimans et al. 2016) and 0 for fakes, averaged over each batch."""
+    real, fake = real_logits.float(), fake_logits.float()
+    loss_real = F.softplus(-real).mean()
+    if real_target != 1.0:
+        loss_real = real_target * loss_real + (1.0 - real_target) * F.softplus(real).mean()
+    return loss_real + F.softplus(fake).mean()
 
 
 def g_loss(fake_logits: torch.Tensor) -> torch.Tensor:

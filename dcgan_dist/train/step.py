@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from dcgan_dist import losses
+from dcgan_dist.augment import diff_augment
+from dcgan_dist.ema import EMA
 
 NO_STEP = 2**62                     # "no such step yet" in the device-side step markers
 
@@ -41,11 +43,27 @@ class Nets:
     D_local: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
+    ema: Optional[EMA] = None        # the EMA of G_local: what samples, metrics and exports use
 
     def clear(self) -> None:
         """Drop every reference, so DDP's wrappers can be freed before the process group goes
         (gloo aborts at exit otherwise: shared/PITFALLS.md 3)."""
         self.__dict__.clear()
+
+
+@dataclass(frozen=True)
+class Remedies:
+    """What D sees and aims for, beyond the paper (config section `gan`); the defaults are the paper."""
+
+    diffaugment: tuple[str, ...] = ()      # DiffAugment ops, applied to reals and fakes alike
+    real_target: float = 1.0               # 1 - one-sided label smoothing
+    instance_noise: float = 0.0            # std at the start, in [-1, 1] pixel units
+    instance_noise_kimg: float = 0.0       # annealed linearly to zero over this many kimg
+
+    def noise_std(self, images_seen: float) -> float:
+        if self.instance_noise <= 0 or images_seen >= self.instance_noise_kimg * 1000:
+            return 0.0
+        return self.instance_noise * (1.0 - images_seen / (self.instance_noise_kimg * 1000))
 
 
 class Totals:
@@ -79,19 +97,38 @@ class TrainStep:
     """
 
     def __init__(self, nets: Nets, totals: Totals, autocast: Callable[[], AbstractContextManager],
-                 scaler: Optional[torch.amp.GradScaler], guard: bool, max_consecutive_skips: int):
+                 scaler: Optional[torch.amp.GradScaler], guard: bool, max_consecutive_skips: int,
+                 remedies: Remedies = Remedies(), ema: Optional[EMA] = None, global_batch: int = 1):
         self.nets, self.totals, self.autocast = nets, totals, autocast
         self.scaler, self.guard, self.limit = scaler, guard, max_consecutive_skips
+        self.remedies, self.ema, self.global_batch = remedies, ema, global_batch
         device = totals.stats.device
         self.one = torch.ones((), device=device)
+        self.noise = torch.zeros((), device=device) if remedies.instance_noise > 0 else None
         self.fault_steps = _fault_overflow_steps()
         self.fault = torch.ones((), device=device) if self.fault_steps else None
 
-    def inject(self, step: int) -> None:
-        """DCGAN_FAULT_OVERFLOW=STEP[,STEP...]: the backward pass of those steps (1-based, as logged)
-        sees an infinite loss, as an fp16 overflow would. An eager fill, so it works under a graph too."""
+    def set_step(self, step: int) -> None:
+        """Set the per-step values for step `step` (0-based) by eager fills, so that a graph replayed
+        next reads them: the EMA's decay, the instance-noise level, and injected faults.
+
+        DCGAN_FAULT_OVERFLOW=STEP[,STEP...]: the backward pass of those steps (1-based, as logged) sees
+        an infinite loss, as an fp16 overflow would."""
+        images_seen = (step + 1) * self.global_batch
+        if self.ema is not None:
+            self.ema.set_images(images_seen)
+        if self.noise is not None:
+            self.noise.fill_(self.remedies.noise_std(images_seen))
         if self.fault is not None:
             self.fault.fill_(float("inf") if step + 1 in self.fault_steps else 1.0)
+
+    def d_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The image as D sees it: augmented, then noised (both off in the paper's recipe)."""
+        if self.remedies.diffaugment:
+            x = diff_augment(x, self.remedies.diffaugment)
+        if self.noise is not None:
+            x = x + torch.randn_like(x) * self.noise.to(x.dtype)
+        return x
 
     def __call__(self, real_u8: torch.Tensor, z: torch.Tensor) -> None:
         n = self.nets
@@ -99,15 +136,18 @@ class TrainStep:
         # D phase. G's forward keeps its graph: the G phase reuses `fake` (as the paper's code does).
         with self.autocast():
             fake = n.G(z)
-            real_logits, fake_logits = n.D(real), n.D(fake.detach())  # two passes: BN stats per batch
-            loss_d = losses.d_loss(real_logits, fake_logits)
+            # Two passes, not one on the concatenation: BatchNorm keeps separate real and fake statistics.
+            real_logits, fake_logits = n.D(self.d_view(real)), n.D(self.d_view(fake.detach()))
+            loss_d = losses.d_loss(real_logits, fake_logits, self.remedies.real_target)
         applied_d = self._update(n.opt_d, loss_d)
         # G phase, through the bare D with its grads off: no D grads are computed or all-reduced.
         n.D_local.requires_grad_(False)
         with self.autocast():
-            loss_g = losses.g_loss(n.D_local(fake))
+            loss_g = losses.g_loss(n.D_local(self.d_view(fake)))
         applied_g = self._update(n.opt_g, loss_g)
         n.D_local.requires_grad_(True)
+        if self.ema is not None:
+            self.ema.update(n.G_local)
         stats = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.detach()).mean(),
                              torch.sigmoid(fake_logits.detach()).mean()]).float()
         self._account(stats, applied_d, applied_g)
@@ -204,7 +244,7 @@ class StepRunner:
         """Train on `batch_u8` (uint8, host or device) as step `step` (0-based)."""
         self.real_u8.copy_(batch_u8, non_blocking=True)
         self.z.normal_()
-        self.step.inject(step)
+        self.step.set_step(step)
         if not self.use_graph:
             self.step(self.real_u8, self.z)
         elif self.graph is not None:
