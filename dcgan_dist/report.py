@@ -1,19 +1,27 @@
-"""End-of-run pictures, as the DCGAN tutorials show them, drawn with Pillow alone (no matplotlib):
+"""End-of-run pictures, as the DCGAN tutorials show them, drawn with matplotlib:
 
-  samples/loss_curves.png   loss_d and loss_g, then D(x) and D(G(z)), against step
-  samples/progress.gif      the fixed-noise grid over time
-  samples/real_vs_fake.png  a grid of real images next to the latest fake grid
+  samples/loss_curves.png   losses; D(x) and D(G(z)); FID, KID and SWD: all against kimg
+  samples/progress.gif      the fixed-noise grid (EMA generator) over time
+  samples/real_vs_fake.png  real images next to the latest fixed-noise grid
+
+Everything here runs once, on rank 0, after training: a failure is a warning, never a failed run.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLORS = {"loss_d": (31, 119, 180), "loss_g": (255, 127, 14), "d_real": (44, 160, 44), "d_fake": (214, 39, 40)}
+from dcgan_dist.layout import RunLayout
+
+TRAIN_PANELS = (("loss", ("loss_d", "loss_g"), "BCE loss (log scale)", True),
+                ("D output", ("d_real", "d_fake"), "mean D output (sigmoid)", False))
+LABELS = {"loss_d": "D loss", "loss_g": "G loss", "d_real": "D(x), real", "d_fake": "D(G(z)), fake",
+          "eval/fid": "FID", "eval/swd": "SWD x1e3", "eval/kid": "KID"}
 
 
 def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
@@ -31,46 +39,70 @@ def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image
     return Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
 
 
-def _panel(rows: list[dict], keys: tuple, size=(640, 260)) -> Image.Image:
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 50, 10, w - 10, h - 25
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    steps = [r["step"] for r in rows]
-    vals = [r[k] for r in rows for k in keys]
-    lo, hi = min(vals), max(vals)
-    hi = hi if hi > lo else lo + 1.0
-    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+def _pyplot():
+    import matplotlib
 
-    def xy(step, v):
-        return (left + (step - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
+    matplotlib.use("Agg")                      # no display on training nodes
+    import matplotlib.pyplot as plt
 
-    for k in keys:
-        pts = [xy(r["step"], r[k]) for r in rows]
-        if len(pts) > 1:
-            d.line(pts, fill=COLORS[k], width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=COLORS[k])
-    for i, k in enumerate(keys):
-        d.text((left + 8 + 90 * i, top + 4), k, fill=COLORS[k])
-    d.text((4, top), f"{hi:.2f}", fill=(0, 0, 0))
-    d.text((4, bottom - 10), f"{lo:.2f}", fill=(0, 0, 0))
-    d.text((left, bottom + 6), f"step {s0}", fill=(0, 0, 0))
-    d.text((right - 80, bottom + 6), f"step {s1}", fill=(0, 0, 0))
-    return img
+    return plt
+
+
+def read_rows(metrics_path: Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, evaluation rows) of a metrics.jsonl; a line torn by a kill is skipped."""
+    train, evals = [], []
+    for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        (evals if any(k.startswith("eval/") for k in row) else train).append(row)
+    return train, evals
 
 
 def loss_curves(metrics_path: Path, out: Path) -> bool:
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    if not rows:
+    train, evals = read_rows(metrics_path)
+    if not train:
         return False
-    a, b = _panel(rows, ("loss_d", "loss_g")), _panel(rows, ("d_real", "d_fake"))
-    img = Image.new("RGB", (a.width, a.height + b.height), "white")
-    img.paste(a, (0, 0))
-    img.paste(b, (0, a.height))
-    img.save(out)
+    plt = _pyplot()
+    panels = len(TRAIN_PANELS) + bool(evals)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.0 * panels), sharex=True, constrained_layout=True)
+    kimg = [r["kimg"] for r in train]
+    for ax, (title, keys, ylabel, log) in zip(axes, TRAIN_PANELS):
+        for k in keys:
+            ax.plot(kimg, [r[k] for r in train], label=LABELS[k])
+        ax.set(title=title, ylabel=ylabel)
+        if log and all(r[k] > 0 for r in train for k in keys):
+            ax.set_yscale("log")
+        if not log:
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    if evals:
+        _eval_panel(axes[-1], evals)
+    axes[-1].set_xlabel("kimg (thousands of real images seen, all ranks)")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     return True
+
+
+def _eval_panel(ax, evals: list[dict]) -> None:
+    """FID and SWD on a log axis; KID, on a different scale, on its own axis at the right."""
+    kimg = [r["kimg"] for r in evals]
+    for k, style in (("eval/fid", "o-"), ("eval/swd", "s-")):
+        if all(k in r for r in evals):
+            ax.plot(kimg, [r[k] for r in evals], style, label=LABELS[k])
+    ax.set(title="quality of the EMA generator (lower is better)", ylabel="FID, SWD x1e3 (log scale)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if all("eval/kid" in r for r in evals):
+        right = ax.twinx()
+        right.plot(kimg, [r["eval/kid"] for r in evals], "^--", color="tab:green", label=LABELS["eval/kid"])
+        right.set_ylabel("KID")
+        h, lab = right.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ax.legend(handles, labels, loc="best")
 
 
 def progress_gif(samples: Path, out: Path) -> bool:
@@ -86,22 +118,32 @@ def real_vs_fake(samples: Path, out: Path) -> bool:
     fakes = sorted(samples.glob("fakes-*.png"))
     if not (samples / "reals.png").is_file() or not fakes:
         return False
-    real, fake = Image.open(samples / "reals.png"), Image.open(fakes[-1])
-    img = Image.new("RGB", (real.width + fake.width + 20, max(real.height, fake.height) + 20), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 4), "real", fill=(0, 0, 0))
-    d.text((real.width + 24, 4), f"fake ({fakes[-1].stem})", fill=(0, 0, 0))
-    img.paste(real, (0, 20))
-    img.paste(fake, (real.width + 20, 20))
-    img.save(out)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.3), constrained_layout=True)
+    step = int(fakes[-1].stem.split("-")[-1])
+    for ax, path, title in ((axes[0], samples / "reals.png", "real images"),
+                            (axes[1], fakes[-1], f"generated (EMA generator, step {step})")):
+        ax.imshow(Image.open(path))
+        ax.set_title(title)
+        ax.axis("off")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     return True
 
 
-def write_report(run_dir: Path) -> None:
-    samples = run_dir / "samples"
-    try:
-        loss_curves(run_dir / "metrics.jsonl", samples / "loss_curves.png")
-        progress_gif(samples, samples / "progress.gif")
-        real_vs_fake(samples, samples / "real_vs_fake.png")
-    except Exception as exc:  # noqa: BLE001 - pictures are a courtesy; the run itself is done
-        print(f"warning: could not draw the end-of-run report: {exc}", file=sys.stderr)
+def write_report(run_dir: Path) -> dict[str, Path]:
+    """Draw what can be drawn; returns {name: path} of the pictures written."""
+    layout = RunLayout.of(run_dir)
+    pictures = {"loss_curves": (loss_curves, layout.metrics, layout.samples / "loss_curves.png"),
+                "progress": (progress_gif, layout.samples, layout.samples / "progress.gif"),
+                "real_vs_fake": (real_vs_fake, layout.samples, layout.samples / "real_vs_fake.png")}
+    written = {}
+    for name, (draw, source, out) in pictures.items():
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")     # the suffix tells the writers the format
+        try:
+            if draw(source, tmp):
+                os.replace(tmp, out)
+                written[name] = out
+        except Exception as exc:  # noqa: BLE001 - pictures are a courtesy; the run itself is done
+            print(f"warning: could not draw {out.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return written

@@ -109,15 +109,26 @@ class Tracker:
         if self.bar is not None:
             self.bar.update(n)
 
-    def scalars(self, step: int, values: dict) -> None:
+    def scalars(self, step: int, values: dict, section: str = "train") -> None:
+        """One metrics.jsonl row and one W&B log. A training row (section "train") has the loss keys;
+        any other section's row (an evaluation: section "eval", {"fid": ...}) is stored with its keys
+        prefixed ("eval/fid"), beside "kimg", and can hold any keys at all."""
         if not self.enabled:
             return
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                                for k, v in values.items()}, "time": round(time.time() - self.t0, 3)}
+        rounded = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
+        if section != "train":
+            rounded = {(k if k == "kimg" else f"{section}/{k}"): v for k, v in rounded.items()}
+        row = {"step": step, **rounded, "time": round(time.time() - self.t0, 3)}
         self.metrics.write(json.dumps(row) + "\n")
-        self.bar.set_postfix(kimg=f"{values['kimg']:.1f}", img_s=f"{values['images_per_s']:.0f}",
-                             loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}", refresh=False)
-        self._wandb(lambda: self.acc.log({f"train/{k}": v for k, v in values.items()}, step=step))
+        if section == "train":
+            self.bar.set_postfix(kimg=f"{values['kimg']:.1f}", img_s=f"{values['images_per_s']:.0f}",
+                                 loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}", refresh=False)
+        else:
+            self.note(f"{section} at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                                if isinstance(v, float)))
+        logged = {(k if "/" in k else f"{section}/{k}"): v for k, v in
+                  (values.items() if section == "train" else rounded.items())}
+        self._wandb(lambda: self.acc.log(logged, step=step))
 
     def images(self, step: int, name: str, images: torch.Tensor, filename: str) -> Optional[Path]:
         """Save a grid of images in [-1, 1] to samples/<filename> and send it to W&B."""
@@ -134,6 +145,18 @@ class Tracker:
             self._wandb(lambda: self.acc.get_tracker("wandb", unwrap=True).log(
                 {name: wandb.Image(str(path), caption=f"step {step}")}, step=step))
         return path
+
+    def report(self, pictures: dict[str, Path]) -> None:
+        """The end-of-run pictures, to W&B under report/<name>."""
+        if not (self.use_wandb and pictures):
+            return
+        import wandb
+
+        def media(path: Path):
+            return wandb.Video(str(path), format="gif") if path.suffix == ".gif" else wandb.Image(str(path))
+
+        self._wandb(lambda: self.acc.get_tracker("wandb", unwrap=True).log(
+            {f"report/{name}": media(path) for name, path in pictures.items()}))
 
     def _wandb(self, call) -> None:
         if not self.use_wandb:

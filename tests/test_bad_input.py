@@ -13,7 +13,7 @@ def train_args(shards, run_dir, *extra):
     return [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards}",
             f"run_dir={run_dir}", "model.resolution=32", "model.ngf=8", "model.ndf=8", "data.batch_size=8",
             "data.shuffle_buffer=16", "train.log_every=1", "train.sample_every=1000", "train.ckpt_every=1000",
-            "wandb.mode=disabled", *extra]
+            "wandb.mode=disabled", "eval.metrics=", *extra]
 
 
 def one_error_line(out, code: int) -> str:

@@ -20,7 +20,7 @@ def fp32_args(shards, run_dir, steps=24, **over):
     keys = {"data.shards": shards, "run_dir": run_dir, "model.resolution": 32, "model.ngf": 8,
             "model.ndf": 8, "data.batch_size": 8, "data.num_workers": 1, "data.shuffle_buffer": 32,
             "train.steps": steps, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 3,
-            "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", **over}
+            "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", "eval.metrics": "", **over}
     return ["--mixed_precision", "no", "launch/train.py", "--config", "configs/demo.yaml",
             *[f"{k}={v}" for k, v in keys.items()]]
 
@@ -87,10 +87,26 @@ def finish(args, timeout=300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(shards32, tmp_path_factory):
+def straight(shards32, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight")
     finish(fp32_args(shards32, run_dir))
-    return metrics(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight):
+    return metrics(straight)
+
+
+def assert_same_ema(run_dir: Path, expected_dir: Path, step: int = 24) -> None:
+    """The EMA generator at the end: restored exactly on every resume, it matches the straight run's."""
+    import torch
+
+    name = f"checkpoints/step-{step:08d}/custom_checkpoint_0.pkl"
+    got, expected = (torch.load(d / name, weights_only=True) for d in (run_dir, expected_dir))
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-5, rtol=0), key
 
 
 def assert_same_trace(got: list[dict], expected: list[dict], note: str) -> None:
@@ -100,7 +116,7 @@ def assert_same_trace(got: list[dict], expected: list[dict], note: str) -> None:
             assert abs(a[key] - b[key]) <= 1e-5, f"{note}: step {a['step']} {key} {a[key]} != {b[key]}"
 
 
-def test_kill9_whole_job_at_random_points_then_resume_exactly(shards32, tmp_path, uninterrupted):
+def test_kill9_whole_job_at_random_points_then_resume_exactly(shards32, tmp_path, uninterrupted, straight):
     seed = int(os.environ.get("DCGAN_TEST_SEED", time.time()))
     rng = random.Random(seed)
     kill_points = sorted(rng.sample(range(2, 22), 3))
@@ -113,6 +129,7 @@ def test_kill9_whole_job_at_random_points_then_resume_exactly(shards32, tmp_path
     out = finish(args)
     assert "resuming from" in out.stdout
     assert_same_trace(metrics(run_dir), uninterrupted, f"kill points {kill_points} (DCGAN_TEST_SEED={seed})")
+    assert_same_ema(run_dir, straight)
 
 
 def test_kill9_during_checkpoint_write_keeps_previous(shards32, tmp_path, uninterrupted):

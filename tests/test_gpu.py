@@ -30,7 +30,8 @@ def shards64(celeba_parent, tmp_path_factory):
 def args(shards, run_dir, steps=20, **over):
     keys = {"data.shards": shards, "run_dir": run_dir, "model.ngf": 32, "model.ndf": 32, "data.batch_size": 32,
             "data.shuffle_buffer": 64, "train.steps": steps, "train.log_every": 1, "train.sample_every": 10,
-            "train.ckpt_every": 5, "train.keep_ckpts": 2, "train.num_samples": 16, "wandb.mode": "offline", **over}
+            "train.ckpt_every": 5, "train.keep_ckpts": 2, "train.num_samples": 16, "wandb.mode": "offline",
+            "eval.num_images": 64, "eval.every_kimg": None, **over}
     return ["launch/train.py", "--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in keys.items()]]
 
 

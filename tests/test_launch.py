@@ -18,7 +18,8 @@ def tiny(shards, run_dir, steps=12):
     return ["launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards}", f"run_dir={run_dir}",
             "model.resolution=32", "model.ngf=16", "model.ndf=16", "data.batch_size=16",
             "data.shuffle_buffer=64", f"train.steps={steps}", "train.log_every=4", "train.sample_every=6",
-            "train.ckpt_every=6", "train.num_samples=16"]
+            "train.ckpt_every=6", "train.num_samples=16", "eval.num_images=32", "eval.every_kimg=0.192",
+            "eval.batch_per_rank=8"]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +44,28 @@ def test_two_ranks_exit_0_and_write_run(trained):
     ckpt = run_dir / "checkpoints" / "step-00000012"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "model.safetensors").is_file()
     assert (ckpt / "random_states_1.pkl").is_file()                 # every rank's RNG is saved
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000006", "step-00000012"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000012"]
     for name in ("reals.png", "fakes-00000000.png", "fakes-00000012.png", "real_vs_fake.png",
                  "loss_curves.png", "progress.gif"):
         assert (run_dir / "samples" / name).stat().st_size > 0, name
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["world_size"] == 2 and saved["mixed_precision"] == "bf16" and saved["model"]["ngf"] == 16
+    assert saved["model"]["ngf"] == 16 and "world_size" not in saved     # schema keys only: it reloads
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["world_size"] == 2 and facts["mixed_precision"] == "bf16" and facts["global_batch"] == 32
+    assert (run_dir / "samples" / "raw-00000012.png").stat().st_size > 0      # the raw G beside the EMA
+
+
+def test_saved_config_reloads_with_config_and_resumes(trained, shards32):
+    run_dir, first = trained
+    assert first.returncode == 0
+    out = run([sys.executable, "launch/train.py", "--config", run_dir / "config.yaml", "train.steps=12",
+               "wandb.mode=disabled"], timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "already at step 12" in out.stderr
 
 
 def test_metrics_are_finite_at_every_log_step(trained):
-    rows = metrics(trained[0])
+    rows = [r for r in metrics(trained[0]) if "loss_d" in r]
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows:
         for key in ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s", "time"):
@@ -65,14 +78,20 @@ def test_wandb_offline_run_holds_losses_images_and_config(trained):
     run_dir, _ = trained
     rows = history(wandb_file(run_dir))
     logged = {r["_step"]: r["train/loss_d"] for r in rows if "train/loss_d" in r}
-    expected = {r["step"]: r["loss_d"] for r in metrics(run_dir)}
+    expected = {r["step"]: r["loss_d"] for r in metrics(run_dir) if "loss_d" in r}
     assert logged.keys() == expected.keys()
     assert all(logged[s] == pytest.approx(expected[s], abs=1e-5) for s in expected)
     images = [r for r in rows if r.get("samples/fake", {}).get("_type") == "image-file"
               or r.get("samples/fake/_type") == "image-file"]
     assert len(images) >= 3
     cfg = wandb_config(wandb_file(run_dir))
-    assert cfg["world_size"] == 2 and cfg["model"]["resolution"] == 32
+    assert cfg["run"]["world_size"] == 2 and cfg["model"]["resolution"] == 32
+    evals = {r["_step"]: r for r in rows if "eval/fid" in r or "eval/swd" in r}
+    expected_eval = {r["step"]: r for r in metrics(run_dir) if "eval/swd" in r}
+    assert sorted(evals) == sorted(expected_eval) == [6, 12]
+    assert evals[12]["eval/swd"] == pytest.approx(expected_eval[12]["eval/swd"], abs=1e-4)
+    report = {k for r in rows for k in r if k.startswith("report/")}       # the end-of-run pictures
+    assert {"report/loss_curves", "report/real_vs_fake"} <= {k.split("/_type")[0] for k in report}, report
 
 
 def test_parameters_identical_on_both_ranks(trained):
@@ -93,7 +112,7 @@ def test_rerun_resumes_and_appends(trained, shards32):
     out = accelerate_launch(tiny(shards32, run_dir, steps=16), timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stdout and "step-00000012" in out.stdout
-    assert [r["step"] for r in metrics(run_dir)] == [4, 8, 12, 16]
+    assert [r["step"] for r in metrics(run_dir) if "loss_d" in r] == [4, 8, 12, 16]
     assert (run_dir / "checkpoints/step-00000016/COMPLETE").is_file()
     assert len({run_id for f in run_dir.glob("wandb/offline-run-*/run-*.wandb") for run_id in run_ids(f)}) == 1
 
@@ -113,6 +132,7 @@ def test_online_without_key_falls_back_to_offline(shards32, tmp_path):
     ("model.resolution=64", "'model.resolution' is 64 but the shards"),
     ("data.batch_size=500", "'data.batch_size' is 500, larger than the 193 images"),
     ("data.shards=/nonexistent", "no such directory"),
+    ("eval.num_images=1000", "'eval.num_images' is 1000, more than the 193 images"),
 ])
 def test_bad_run_inputs_fail_fast_with_one_line(shards32, tmp_path, override, needle):
     out = run([sys.executable, *tiny(shards32, tmp_path / "run"), override], timeout=120)
@@ -127,3 +147,47 @@ def test_one_cpu_rank_uses_every_core_under_plain_accelerate_launch(shards32, tm
                             timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"threads={len(os.sched_getaffinity(0))} " in out.stdout, out.stdout
+
+
+def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, shards32):
+    """FID, KID and SWD as the 2-rank job logged them at step 12, recomputed here in one process from
+    the EMA generator saved at that step, on the same real images and latents."""
+    import torch
+
+    from dcgan_dist import metrics as m
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data.shards import shard_paths
+    from dcgan_dist.data.stream import first_images
+    from dcgan_dist.models import build_models
+    from dcgan_dist.train.evaluate import EVAL_SEED_OFFSET
+
+    run_dir, first = trained
+    assert first.returncode == 0
+    row = next(r for r in metrics(run_dir) if r["step"] == 12 and "eval/swd" in r)
+    cfg = load_config(run_dir / "config.yaml")
+    G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
+    G.load_state_dict(torch.load(run_dir / "checkpoints/step-00000012/custom_checkpoint_0.pkl", weights_only=True))
+    z = torch.randn(cfg.eval.num_images, cfg.model.nz,
+                    generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+    fakes = m.generate_u8(G, z, cfg.eval.batch_per_rank, torch.device("cpu"))
+    reals = first_images(shard_paths(shards32), cfg.eval.num_images, cfg.model.resolution)
+    mine = m.evaluate_images(reals, fakes, m.load_inception(None, torch.device("cpu")))
+    assert {f"eval/{k}" for k in mine} <= set(row)
+    for key, value in mine.items():
+        assert row[f"eval/{key}"] == pytest.approx(value, rel=2e-3, abs=1e-4), key
+    assert 0 < row["eval/swd"] and (m.inception_path(None) is None or row["eval/fid"] > 0)
+
+
+def test_best_checkpoint_follows_the_best_eval_and_survives_resume(trained):
+    run_dir, first = trained
+    assert first.returncode == 0
+    best = run_dir / "checkpoints" / "best"
+    assert (best / "COMPLETE").is_file() and (best / "custom_checkpoint_0.pkl").is_file()
+    state = json.loads((best / "trainer_state.json").read_text())
+    evals = [r for r in metrics(run_dir) if "eval/swd" in r]
+    key = state["best"]["metric"]
+    winner = min(evals, key=lambda r: r[f"eval/{key}"])
+    assert state["best"]["step"] == winner["step"] == state["step"]
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    latest = json.loads((newest / "trainer_state.json").read_text())
+    assert latest["best"] == state["best"]                       # carried by every checkpoint, so a resume keeps it

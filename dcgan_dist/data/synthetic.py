@@ -65,15 +65,32 @@ def _attributes(rng: np.random.Generator, who: Identity) -> dict[str, int]:
     return a
 
 
-def draw_face(seed: int, index: int, who: Identity) -> tuple[Image.Image, dict[str, int]]:
-    """One 178x218 RGB image and its attributes (1/0), deterministic in (seed, index)."""
-    rng = np.random.default_rng([seed, 2, index])
-    a = _attributes(rng, who)
-    # Muted backdrop lit from above: a vertical gradient, as in studio and street photos.
+STYLES = ("studio", "street")
+
+
+def _backdrop(rng: np.random.Generator, style: str) -> Image.Image:
+    """studio: a muted vertical gradient, lit from above. street: the same under a clutter of coloured
+    blocks and discs (windows, signs, foliage), a second, harder set to check a recipe was not tuned
+    to the first."""
     top, bottom = rng.uniform(70, 210, 3), rng.uniform(40, 170, 3)
     ramp = np.linspace(0.0, 1.0, HEIGHT)[:, None, None]
     backdrop = (top * (1 - ramp) + bottom * ramp) * np.ones((1, WIDTH, 1))
     img = Image.fromarray(backdrop.astype(np.uint8))
+    if style == "street":
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(6, 14))):
+            x, y = rng.uniform(-20, WIDTH), rng.uniform(-20, HEIGHT)
+            w, h = rng.uniform(10, 70, 2)
+            fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (d.rectangle if rng.random() < 0.6 else d.ellipse)([x, y, x + w, y + h], fill=fill)
+    return img
+
+
+def draw_face(seed: int, index: int, who: Identity, style: str = "studio") -> tuple[Image.Image, dict[str, int]]:
+    """One 178x218 RGB image and its attributes (1/0), deterministic in (seed, index, style)."""
+    rng = np.random.default_rng([seed, 2, index])
+    a = _attributes(rng, who)
+    img = _backdrop(rng, style)
     d = ImageDraw.Draw(img)
     cx, cy = WIDTH / 2 + rng.normal(0, 2), 122 + rng.normal(0, 2)  # CelebA aligns eyes near y = 112
     fw, fh = who.face_w * rng.uniform(0.96, 1.04), who.face_h * rng.uniform(0.96, 1.04)
@@ -123,8 +140,6 @@ def draw_face(seed: int, index: int, who: Identity) -> tuple[Image.Image, dict[s
         if a["Mouth_Slightly_Open"]:
             d.rectangle([cx - mw + 3, my, cx + mw - 3, my + 3], fill=(40, 10, 15))
 
-    # Soft edges, like a photo's optics; no pixel noise, which a small D learns to spot long before G
-    # can learn to make it, and which then stalls the demo's short run.
     # Soft light from one side and soft edges, like a photo's lighting and optics. No per-pixel noise:
     # a small D spots it long before G can make it, which stalls the demo's short run.
     side = rng.choice([-1.0, 1.0]) * np.linspace(-1.0, 1.0, WIDTH)[None, :, None]
@@ -139,9 +154,11 @@ def identity_of_index(index: int, seed: int) -> int:
     return 1 + (index // 1000) * 50 + int(np.random.default_rng([seed, 3, index]).integers(0, 50))
 
 
-def write_celeba(output: Path, num: int, seed: int = 0, progress: bool = True) -> Path:
+def write_celeba(output: Path, num: int, seed: int = 0, progress: bool = True, style: str = "studio") -> Path:
     """Write DIR/celeba/{img_align_celeba/, list_eval_partition.txt, list_attr_celeba.txt,
     identity_CelebA.txt}. Returns the celeba folder."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     root = Path(output) / "celeba"
     images = root / "img_align_celeba"
     images.mkdir(parents=True, exist_ok=True)
@@ -152,7 +169,7 @@ def write_celeba(output: Path, num: int, seed: int = 0, progress: bool = True) -
         ident = identity_of_index(i, seed)
         if ident not in identities:
             identities[ident] = _identity(seed, ident)
-        img, attrs = draw_face(seed, i, identities[ident])
+        img, attrs = draw_face(seed, i, identities[ident], style)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         atomic_write_bytes(images / name, buf.getvalue())

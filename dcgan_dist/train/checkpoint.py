@@ -24,6 +24,7 @@ from accelerate.utils import gather_object
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_text, fsync_dir
+from dcgan_dist.layout import RunLayout
 from dcgan_dist.train.dist import barrier
 
 MARKER = "COMPLETE"
@@ -32,7 +33,7 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunLayout.of(run_dir).checkpoints
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -69,9 +70,10 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, replicas: dict,
-         keep: int) -> Path:
-    """Collective: every rank must call it. Rank 0 finalises, renames and rotates."""
-    final = step_dir(run_dir, step)
+         keep: int, best: bool = False) -> Path:
+    """Collective: every rank must call it. Rank 0 finalises, renames and rotates. With `best`, the
+    state goes to checkpoints/best/ instead, replacing the previous best; rotation never touches it."""
+    final = RunLayout.of(run_dir).best if best else step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)      # left over from a save killed half-way
@@ -85,13 +87,33 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
         atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
         _fsync_tree(tmp)
         atomic_write_text(tmp / MARKER, f"step {step}\n")
-        if final.exists():                          # a re-save of the same step (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        rotate(run_dir, keep)
+        _replace_dir(tmp, final)
+        if not best:
+            rotate(run_dir, keep)
     barrier(accelerator)
     return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put `new` at `final`. An existing `final` (a re-save of the same step, or the previous best) is
+    moved aside first and deleted last: a kill in between leaves it under `.old-<name>`, where
+    `recover_best` finds it, so there is always a complete one on disk."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_best(run_dir: str | Path) -> Optional[Path]:
+    """checkpoints/best if complete, after undoing a replacement killed half-way; else None."""
+    best = RunLayout.of(run_dir).best
+    old = best.with_name(f".old-{best.name}")
+    if not best.exists() and (old / MARKER).is_file():
+        os.replace(old, best)
+    return best if (best / MARKER).is_file() else None
 
 
 def _fault_injection_pause(step: int) -> None:

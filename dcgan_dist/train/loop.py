@@ -10,6 +10,7 @@ step (data/stream.py). A resumed run therefore logs the same losses as an uninte
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +20,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dcgan_dist.config import Config, save_config
+from dcgan_dist.config import Config, metric_list, save_config
 from dcgan_dist.data.shards import read_manifest, shard_paths, verify_shards
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
+from dcgan_dist.augment import parse_policy
+from dcgan_dist.ema import EMA
 from dcgan_dist.errors import RunStopped, UserError
-from dcgan_dist.fsutil import probe_writable
+from dcgan_dist.fsutil import atomic_write_text, probe_writable
+from dcgan_dist.layout import RunLayout
 from dcgan_dist.models import build_models
 from dcgan_dist.report import write_report
 from dcgan_dist.sample import sample
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
-from dcgan_dist.train.step import NO_STEP, Nets, StepRunner, Totals, TrainStep, on_stream
+from dcgan_dist.train.evaluate import Evaluator
+from dcgan_dist.train.step import NO_STEP, Nets, Remedies, StepRunner, Totals, TrainStep, on_stream
 
 
 def preflight(cfg: Config) -> dict:
@@ -40,6 +45,9 @@ def preflight(cfg: Config) -> dict:
                         f"'{cfg.data.shards}' are {manifest['resolution']}px; re-shard or change the key")
     if cfg.data.batch_size > manifest["count"]:
         raise UserError(f"config key 'data.batch_size' is {cfg.data.batch_size}, larger than the "
+                        f"{manifest['count']} images in '{cfg.data.shards}'")
+    if metric_list(cfg.eval.metrics) and cfg.eval.num_images > manifest["count"]:
+        raise UserError(f"config key 'eval.num_images' is {cfg.eval.num_images}, more than the "
                         f"{manifest['count']} images in '{cfg.data.shards}'")
     try:
         probe_writable(Path(cfg.run_dir))
@@ -60,8 +68,13 @@ def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.St
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=betas, fused=True)
     with on_stream(stream):                  # DDP is built on the stream the graph is captured on
         (G, D), (opt_g, opt_d) = dist.prepare(accelerator, [G, D], [opt_g, opt_d])
-    return Nets(G=G, D=D, G_local=dist.bare(accelerator, G), D_local=dist.bare(accelerator, D),
-                opt_g=opt_g.optimizer, opt_d=opt_d.optimizer)
+    G_local = dist.bare(accelerator, G)
+    # Every rank keeps the same EMA (G is the same everywhere); checkpoints carry it like the models.
+    ema = EMA(G_local, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup,
+              cfg.data.batch_size * accelerator.num_processes)
+    accelerator.register_for_checkpointing(ema)
+    return Nets(G=G, D=D, G_local=G_local, D_local=dist.bare(accelerator, D), opt_g=opt_g.optimizer,
+                opt_d=opt_d.optimizer, ema=ema)
 
 
 def apply_optim_config(nets: Nets, cfg: Config, graph: bool) -> None:
@@ -69,9 +82,10 @@ def apply_optim_config(nets: Nets, cfg: Config, graph: bool) -> None:
     would silently ignore `optim.lr=...` given to a resumed run. The same goes for how Adam runs: fused,
     and capturable when a CUDA graph will hold it. Checkpoints written without fused Adam keep its step
     counter on the host, where the fused kernel cannot read it."""
-    for opt in (nets.opt_g, nets.opt_d):
+    lr_d = cfg.optim.lr if cfg.optim.ttur_lr_d is None else cfg.optim.ttur_lr_d
+    for opt, lr in ((nets.opt_g, cfg.optim.lr), (nets.opt_d, lr_d)):
         for group in opt.param_groups:
-            group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True, foreach=None,
+            group.update(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True, foreach=None,
                          capturable=graph)
             for p in group["params"]:
                 state = opt.state.get(p, {})
@@ -96,6 +110,7 @@ def train(cfg: Config) -> None:
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
     if accelerator.is_main_process:
         verify_shards(Path(cfg.data.shards), manifest)
+        checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
     stream = dist.graph_stream(accelerator, graph)
     nets = build(accelerator, cfg, stream)
     set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
@@ -109,30 +124,33 @@ def train(cfg: Config) -> None:
     run_facts = {"world_size": world, "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
                  "num_workers": workers, "dataset_count": manifest["count"]}
     if accelerator.is_main_process:
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml", extra=run_facts)
+        layout = RunLayout.of(cfg.run_dir)
+        save_config(cfg, layout.config)
+        atomic_write_text(layout.facts, json.dumps(run_facts, indent=1) + "\n")
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={manifest['count']} "
               f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
               flush=True)
-    wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"], {**cfg.to_dict(), **run_facts})
+    wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"], {**cfg.to_dict(), "run": run_facts})
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
     loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
                          cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
                          pin_memory=accelerator.device.type == "cuda")
     runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream)
-    run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator)}
+    evaluator = Evaluator(accelerator, cfg) if metric_list(cfg.eval.metrics) else None
+    run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator}
     clean = False
     try:
         _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, global_batch)
         clean = True
+        if accelerator.is_main_process:
+            tracker.report(write_report(Path(cfg.run_dir)))     # into the same W&B run, before it closes
     finally:
         run["stop"].close(wait=clean)
         tracker.close()
         stop_loader(run["batches"])
         run.clear()
-        del loader, runner
+        del loader, runner, evaluator
         dist.shutdown(accelerator, [nets], clean=clean)
-    if accelerator.is_main_process:
-        write_report(Path(cfg.run_dir))
 
 
 def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: dict, graph: bool,
@@ -140,8 +158,11 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
     totals = Totals(accelerator.device, trainer_state["step"],
                     (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
+    remedies = Remedies(diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
+                        instance_noise=cfg.gan.instance_noise, instance_noise_kimg=cfg.gan.instance_noise_kimg)
     step = TrainStep(nets, totals, dist.autocast(accelerator), accelerator.scaler, guard,
-                     cfg.train.max_consecutive_skips)
+                     cfg.train.max_consecutive_skips, remedies, nets.ema,
+                     cfg.data.batch_size * accelerator.num_processes)
     shape = (cfg.data.batch_size, 3, cfg.model.resolution, cfg.model.resolution)
     # DDP must see 11 eager iterations before a capture (CUDA semantics docs); one rank needs only a
     # few, for cuDNN autotuning and the lazily created optimizer and scaler state.
@@ -159,12 +180,15 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
     fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
                           generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
 
-    def save(done: int) -> None:
+    def save(done: int, best: bool = False) -> None:
         health = _check_health(accelerator, totals, interval, cfg)
         replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
         trainer_state.update(step=done, kimg=done * global_batch / 1000, world_size=accelerator.num_processes,
                              **_counters(accelerator, health, interval))
-        checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts)
+        checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts, best=best)
+
+    evaluator = run["evaluator"]
+    eval_every = _eval_every_steps(cfg, global_batch)
 
     if start >= cfg.train.steps:
         tracker.note(f"already at step {start} of train.steps={cfg.train.steps}; raise it to train longer")
@@ -178,7 +202,7 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         interval.data_errors += data_errors
         if step == 0:
             tracker.images(0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1, "reals.png")
-            tracker.images(0, "samples/fake", sample(nets.G_local, fixed_z), f"fakes-{0:08d}.png")
+            _samples(tracker, nets, fixed_z, 0)
         runner(batch, step)
         interval.n += 1
         done = step + 1
@@ -187,9 +211,42 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         if done % cfg.train.log_every == 0 or last:
             _log(accelerator, cfg, tracker, totals, interval, done, global_batch)
         if done % cfg.train.sample_every == 0 or last:
-            tracker.images(done, "samples/fake", sample(nets.G_local, fixed_z), f"fakes-{done:08d}.png")
+            _samples(tracker, nets, fixed_z, done)
+        if evaluator is not None and ((eval_every and done % eval_every == 0) or last):
+            started = time.time()
+            if _evaluate(evaluator, nets, tracker, trainer_state, done, global_batch):
+                save(done, best=True)
+            interval.t += time.time() - started          # images_per_s counts training time only
         if done % cfg.train.ckpt_every == 0 or last:
             save(done)
+
+
+def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int) -> None:
+    """The fixed-noise grid from the EMA generator, and the raw G's beside it."""
+    if tracker.enabled:
+        tracker.images(step, "samples/fake", sample(nets.ema.module, fixed_z), f"fakes-{step:08d}.png")
+        tracker.images(step, "samples/fake_raw", sample(nets.G_local, fixed_z), f"raw-{step:08d}.png")
+
+
+def _eval_every_steps(cfg: Config, global_batch: int) -> int:
+    """eval.every_kimg in steps (at least 1); 0 = at the end only."""
+    if cfg.eval.every_kimg is None or cfg.eval.every_kimg <= 0:
+        return 0
+    return max(1, round(cfg.eval.every_kimg * 1000 / global_batch))
+
+
+def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state: dict, done: int,
+              global_batch: int) -> bool:
+    """Collective. Log the EMA generator's metrics; True if they are the best so far by eval.best_by
+    (lower is better for all three), which trainer_state then records."""
+    values = evaluator(nets.ema.module)
+    tracker.scalars(done, {"kimg": done * global_batch / 1000, **values}, section="eval")
+    key = evaluator.best_metric()
+    best = trainer_state.get("best")
+    if key not in values or (best and best["metric"] == key and best["value"] <= values[key]):
+        return False
+    trainer_state["best"] = {"metric": key, "value": values[key], "step": done, "metrics": values}
+    return True
 
 
 def _check_health(accelerator: Accelerator, totals: Totals, interval: Interval, cfg: Config) -> dict:
