@@ -4,14 +4,23 @@
       config.yaml          the resolved config, schema keys only: `--config run_dir/config.yaml` reloads it
       run.json             facts about the run: world size, precision, global batch, workers, dataset size
       metrics.jsonl        one JSON row per log step (training) and per evaluation ("eval/..." keys)
-      checkpoints/step-XXXXXXXX/   full training state (checkpoint.py); checkpoints/best/ by eval.best_by
+      checkpoints/step-XXXXXXXX/   full training state (checkpoint.py), and generator.safetensors, the
+                           EMA generator alone (snapshot.py); checkpoints/best/ likewise, by eval.best_by
+      generator.safetensors   a copy of the best snapshot (of the latest while there is no best)
       samples/             reals.png, fakes-XXXXXXXX.png (EMA G), raw-XXXXXXXX.png (raw G), report pictures
       wandb/               the W&B run (offline runs are synced from here)
 """
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+MARKER = "COMPLETE"                       # written last: a checkpoint folder without it is incomplete
+STATE_FILE = "trainer_state.json"
+_STEP_NAME = re.compile(r"^step-(\d{8})$")
 
 
 @dataclass(frozen=True)
@@ -38,9 +47,34 @@ class RunLayout:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}"
+
+    def complete_checkpoints(self, warn: bool = False) -> list[tuple[int, Path]]:
+        """(step, path) of every complete step checkpoint, oldest first; incomplete ones are skipped."""
+        found = []
+        for path in sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []:
+            m = _STEP_NAME.match(path.name)
+            if not m:
+                continue
+            if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
+                if warn:
+                    print(f"warning: skipping incomplete checkpoint {path}", file=sys.stderr)
+                continue
+            found.append((int(m.group(1)), path))
+        return found
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        done = self.complete_checkpoints()
+        return done[-1][1] if done else None
+
     @property
     def best(self) -> Path:
         return self.checkpoints / "best"
+
+    @property
+    def generator(self) -> Path:
+        return self.root / "generator.safetensors"
 
     @property
     def samples(self) -> Path:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dcgan_dist.config import Config
 from dcgan_dist.fsutil import atomic_write_text
+from dcgan_dist.layout import RunLayout
 from dcgan_dist.report import grid_image
 
 
@@ -88,12 +89,12 @@ class Tracker:
         self.acc = accelerator
         self.enabled = accelerator.is_main_process
         self.use_wandb = self.enabled and wandb_mode is not None
-        self.run_dir = Path(cfg.run_dir)
-        self.samples_dir = self.run_dir / "samples"
+        self.layout = RunLayout.of(cfg.run_dir)
+        self.samples_dir = self.layout.samples
         self.bar = None
         if self.enabled:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
-            metrics_path = self.run_dir / "metrics.jsonl"
+            metrics_path = self.layout.metrics
             _truncate_after(metrics_path, start_step)
             # Append: a resumed run continues the same file.
             self.metrics = open(metrics_path, "a", buffering=1)
@@ -130,12 +131,11 @@ class Tracker:
                   (values.items() if section == "train" else rounded.items())}
         self._wandb(lambda: self.acc.log(logged, step=step))
 
-    def images(self, step: int, name: str, images: torch.Tensor, filename: str) -> Optional[Path]:
-        """Save a grid of images in [-1, 1] to samples/<filename> and send it to W&B."""
+    def images(self, step: int, name: str, images: torch.Tensor, path: Path) -> Optional[Path]:
+        """Save a grid of images in [-1, 1] to `path` (one of self.layout's) and send it to W&B."""
         if not self.enabled:
             return None
         grid = grid_image(images, nrow=int(math.sqrt(len(images)) + 0.5))
-        path = self.samples_dir / filename
         tmp = path.with_name(f".{path.name}.tmp.png")
         grid.save(tmp, format="PNG")
         os.replace(tmp, path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -23,37 +22,21 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_text, fsync_dir
-from dcgan_dist.layout import RunLayout
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
+from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
 from dcgan_dist.train.dist import barrier
-
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^step-(\d{8})$")
-
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return RunLayout.of(run_dir).checkpoints
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
-    return checkpoint_root(run_dir) / f"step-{step:08d}"
+    return RunLayout.of(run_dir).step_dir(step)
 
 
 def list_complete(run_dir: str | Path, warn: bool = False) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first. Incomplete ones are skipped."""
-    root = checkpoint_root(run_dir)
-    found = []
-    for path in sorted(root.glob("step-*")) if root.is_dir() else []:
-        m = _NAME.match(path.name)
-        if not m:
-            continue
-        if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
-            if warn:
-                print(f"warning: skipping incomplete checkpoint {path}", file=sys.stderr)
-            continue
-        found.append((int(m.group(1)), path))
-    return found
+    return RunLayout.of(run_dir).complete_checkpoints(warn)
 
 
 def latest(run_dir: str | Path, warn: bool = True) -> Optional[Path]:
@@ -70,9 +53,10 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, replicas: dict,
-         keep: int, best: bool = False) -> Path:
+         keep: int, best: bool = False, extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Collective: every rank must call it. Rank 0 finalises, renames and rotates. With `best`, the
-    state goes to checkpoints/best/ instead, replacing the previous best; rotation never touches it."""
+    state goes to checkpoints/best/ instead, replacing the previous best; rotation never touches it.
+    `extra_files` (rank 0's) are written inside, before the COMPLETE marker."""
     final = RunLayout.of(run_dir).best if best else step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -85,6 +69,8 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
         atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp / name, data)
         _fsync_tree(tmp)
         atomic_write_text(tmp / MARKER, f"step {step}\n")
         _replace_dir(tmp, final)

@@ -21,14 +21,15 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.errors import RunStopped
+from dcgan_dist.sample import native_bf16
 
 
 def fast_precision() -> str:
     """What to train in when nobody says: bf16 where the hardware runs it natively (CUDA with bf16,
     or a CPU with avx512_bf16 or AMX: 2x to 2.5x fp32 there, docs/PERFORMANCE.md), else fp32."""
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+        return "bf16" if native_bf16(torch.device("cuda")) else "fp16"
+    return "bf16" if native_bf16(torch.device("cpu")) else "no"
 
 
 def loader_workers(config_value: Optional[int], device: torch.device, ranks: Optional[int] = None) -> int:

@@ -16,7 +16,6 @@ import hashlib
 import io
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -40,7 +39,8 @@ class Evaluator:
         self.metrics = metric_list(cfg.eval.metrics)
         self.num, self.batch = cfg.eval.num_images, cfg.eval.batch_per_rank
         self.mine = list(range(accelerator.process_index, -(-self.num // self.batch), accelerator.num_processes))
-        self.z = torch.randn(self.num, cfg.model.nz, generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+        self.z = torch.randn(self.num, cfg.model.nz,
+                             generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
         self.inception = None
         if {"fid", "kid"} & set(self.metrics):
             self.inception = metrics.load_inception(cfg.eval.inception_weights, accelerator.device,

@@ -26,11 +26,13 @@ from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.augment import parse_policy
 from dcgan_dist.ema import EMA
 from dcgan_dist.errors import RunStopped, UserError
-from dcgan_dist.fsutil import atomic_write_text, probe_writable
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writable
 from dcgan_dist.layout import RunLayout
 from dcgan_dist.models import build_models
 from dcgan_dist.report import write_report
 from dcgan_dist.sample import sample
+from dcgan_dist.snapshot import FILENAME as SNAPSHOT
+from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
 from dcgan_dist.train.evaluate import Evaluator
@@ -185,7 +187,16 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
         trainer_state.update(step=done, kimg=done * global_batch / 1000, world_size=accelerator.num_processes,
                              **_counters(accelerator, health, interval))
-        checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts, best=best)
+        snapshot = {}
+        if accelerator.is_main_process:
+            snapshot[SNAPSHOT] = snapshot_bytes(
+                nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
+                kimg=done * global_batch / 1000, metrics=trainer_state.get("last_eval", {}),
+                shards=str(Path(cfg.data.shards).resolve()))
+        path = checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts,
+                               best=best, extra_files=snapshot)
+        if accelerator.is_main_process:
+            _publish_generator(RunLayout.of(cfg.run_dir), path)
 
     evaluator = run["evaluator"]
     eval_every = _eval_every_steps(cfg, global_batch)
@@ -201,7 +212,7 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         batch, data_errors = next_batch(run["batches"])
         interval.data_errors += data_errors
         if step == 0:
-            tracker.images(0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1, "reals.png")
+            tracker.images(0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1, tracker.layout.reals)
             _samples(tracker, nets, fixed_z, 0)
         runner(batch, step)
         interval.n += 1
@@ -224,8 +235,15 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
 def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int) -> None:
     """The fixed-noise grid from the EMA generator, and the raw G's beside it."""
     if tracker.enabled:
-        tracker.images(step, "samples/fake", sample(nets.ema.module, fixed_z), f"fakes-{step:08d}.png")
-        tracker.images(step, "samples/fake_raw", sample(nets.G_local, fixed_z), f"raw-{step:08d}.png")
+        tracker.images(step, "samples/fake", sample(nets.ema.module, fixed_z), tracker.layout.fakes(step))
+        tracker.images(step, "samples/fake_raw", sample(nets.G_local, fixed_z), tracker.layout.fakes(step, raw=True))
+
+
+def _publish_generator(layout: RunLayout, saved: Path) -> None:
+    """run_dir/generator.safetensors: a copy of the best snapshot, or of the latest while no best exists."""
+    best = layout.best / SNAPSHOT
+    source = best if best.is_file() else saved / SNAPSHOT
+    atomic_write_bytes(layout.generator, source.read_bytes())
 
 
 def _eval_every_steps(cfg: Config, global_batch: int) -> int:
@@ -240,6 +258,7 @@ def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state:
     """Collective. Log the EMA generator's metrics; True if they are the best so far by eval.best_by
     (lower is better for all three), which trainer_state then records."""
     values = evaluator(nets.ema.module)
+    trainer_state["last_eval"] = values
     tracker.scalars(done, {"kimg": done * global_batch / 1000, **values}, section="eval")
     key = evaluator.best_metric()
     best = trainer_state.get("best")
