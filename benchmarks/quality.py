@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Quality benchmark: FID, KID and SWD after a fixed training budget, per remedy, against the
+pytorch/examples control and the real-vs-real floor.
+
+    python benchmarks/quality.py --shards data/shards/demo64 --out runs/quality \
+        --variants paper,diffaugment,ttur,label_smoothing,instance_noise,best \
+        [--peer-main /path/to/pytorch/examples/dcgan/main.py] [--steps 900] [--num-images 500]
+
+Each variant is a real `accelerate launch` of launch/train.py with configs/demo.yaml (2 CPU ranks) plus
+its overrides. Afterwards every generator is scored the same way, in this process, on the same real
+images (the shards' first N) and the same latents: the untrained G, each variant's raw G and its EMA,
+and the control's G (its own weights, loaded into our Generator: the two nets are the same layers).
+The real-vs-real floor compares the first N images with the next N. Results go to OUT/quality.json
+(merged with earlier runs, so variants can be run a few at a time) and a Markdown table is printed.
+"""
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dcgan_dist import metrics  # noqa: E402
+from dcgan_dist.config import load_config  # noqa: E402
+from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
+from dcgan_dist.data.stream import first_images  # noqa: E402
+from dcgan_dist.models import build_models  # noqa: E402
+
+VARIANTS = {
+    "paper": [],
+    "diffaugment": ["gan.diffaugment=color,translation,cutout"],
+    "ttur": ["optim.ttur_lr_d=5e-5"],
+    "label_smoothing": ["gan.label_smoothing=0.1"],
+    "instance_noise": ["gan.instance_noise=0.2", "gan.instance_noise_kimg=115.2"],
+    "da+ls": ["gan.diffaugment=color,translation,cutout", "gan.label_smoothing=0.1"],
+    "da+ema2": ["gan.diffaugment=color,translation,cutout", "train.ema_halflife_kimg=2"],
+}
+
+
+def train(name: str, overrides: list[str], args) -> Path:
+    run_dir = args.out / name
+    if (run_dir / "checkpoints" / f"step-{args.steps:08d}" / "COMPLETE").is_file():
+        return run_dir                                      # trained by an earlier invocation
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_2proc.yaml"), str(ROOT / "launch/train.py"),
+           "--config", str(args.config), f"run_dir={run_dir}", f"data.shards={args.shards}",
+           f"train.steps={args.steps}", "eval.metrics=", "wandb.mode=disabled", "train.keep_ckpts=1",
+           *args.base_overrides, *overrides]
+    print(f"[{time.strftime('%H:%M:%S')}] training {name}: {' '.join(overrides) or '(the paper)'}", flush=True)
+    started = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(args.out / f"{name}.log", "w"))
+    (run_dir / "train_seconds.txt").write_text(f"{time.time() - started:.1f}\n")
+    return run_dir
+
+
+def load_generators(run_dir: Path, steps: int) -> dict[str, torch.nn.Module]:
+    from safetensors.torch import load_file
+
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = run_dir / "checkpoints" / f"step-{steps:08d}"
+    out = {}
+    for kind, state in (("raw", load_file(str(ckpt / "model.safetensors"))),
+                        ("ema", torch.load(ckpt / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))):
+        G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
+        G.load_state_dict(state)
+        out[kind] = G
+    return out
+
+
+def run_peer(args, reals_dir: Path) -> Path:
+    """The control, as it is: its own script, its own data pipeline (a folder of our 64 px train images),
+    fp32, the same global batch and the same number of images seen."""
+    out = args.out / "peer"
+    epochs = math.ceil(args.steps * 128 / args.count)
+    last = out / f"netG_epoch_{epochs - 1}.pth"
+    if last.is_file():
+        return last
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(args.peer_main), "--dataset", "folder", "--dataroot", str(reals_dir),
+           "--workers", "1", "--batchSize", "128", "--imageSize", "64", "--ngf", "32", "--ndf", "32",
+           "--niter", str(epochs), "--outf", str(out), "--manualSeed", "0"]
+    print(f"[{time.strftime('%H:%M:%S')}] training the pytorch/examples control: {epochs} epochs", flush=True)
+    started = time.time()
+    subprocess.run(cmd, check=True, stdout=open(args.out / "peer.log", "w"), stderr=subprocess.STDOUT, cwd=out)
+    (out / "train_seconds.txt").write_text(f"{time.time() - started:.1f}\n")
+    return last
+
+
+def export_reals(shards: str, count: int, resolution: int, folder: Path) -> Path:
+    """Every train image as a PNG under folder/all/, the layout torchvision's ImageFolder reads."""
+    target = folder / "all"
+    if target.is_dir() and len(list(target.iterdir())) == count:
+        return folder
+    target.mkdir(parents=True, exist_ok=True)
+    images = first_images(shard_paths(shards), count, resolution)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(target / f"{i:06d}.png")
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", default="data/shards/demo64")
+    p.add_argument("--config", type=Path, default=ROOT / "configs/demo.yaml",
+                   help="base config (its remedies are switched off; each variant adds its own)")
+    p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=900, help="training steps per variant (global batch 128)")
+    p.add_argument("--num-images", type=int, default=500, help="images per evaluation (FID depends on it)")
+    p.add_argument("--peer-main", type=Path, help="pytorch/examples dcgan/main.py: runs the control")
+    p.add_argument("--no-train", action="store_true", help="only score runs already in --out")
+    args = p.parse_args()
+    args.out = args.out.resolve()                 # the control runs in its own working directory
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(Path(args.shards))
+    args.count = manifest["count"]
+    # The variants start from the paper's recipe: the base config's own remedies are switched off.
+    args.base_overrides = ["gan.diffaugment=", "gan.label_smoothing=0", "gan.instance_noise=0", "optim.ttur_lr_d=null"]
+    names = [v for v in args.variants.split(",") if v]
+    for name in names:
+        if name not in VARIANTS:
+            sys.exit(f"error: --variants: unknown variant '{name}' (known: {', '.join(VARIANTS)})")
+
+    n = args.num_images
+    reals = first_images(shard_paths(args.shards), 2 * n, manifest["resolution"])
+    inception = metrics.load_inception(None, torch.device("cpu"))
+    feats = (lambda x: torch.cat([inception(x[i:i + 50]).cpu() for i in range(0, len(x), 50)])) if inception else None
+    real_feats = feats(reals[:n]) if inception else None
+    z = torch.randn(n, 100, generator=torch.Generator().manual_seed(1_000_003))
+
+    results_path = args.out / "quality.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    key = f"{Path(args.shards).name}/{args.steps}"
+    table = results.setdefault(key, {})
+
+    def score(label: str, fake_u8: torch.Tensor, extra: dict) -> None:
+        values = metrics.evaluate_images(reals[:n], fake_u8, inception, real_feats)
+        table[label] = {**{k: round(v, 5) for k, v in values.items()}, **extra}
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"  {label:28s} " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if "px" not in k), flush=True)
+
+    if "real vs real (floor)" not in table:
+        score("real vs real (floor)", reals[n:2 * n], {})
+    if "untrained G" not in table:
+        G, _ = build_models(100, 32, 32, manifest["resolution"])
+        score("untrained G", metrics.generate_u8(G, z, 50, torch.device("cpu")), {})
+    for name in names:
+        run_dir = args.out / name if args.no_train else train(name, VARIANTS[name], args)
+        seconds = float((run_dir / "train_seconds.txt").read_text()) if (run_dir / "train_seconds.txt").is_file() else None
+        for kind, G in load_generators(run_dir, args.steps).items():
+            score(f"{name} ({kind} G)", metrics.generate_u8(G, z, 50, torch.device("cpu")),
+                  {"overrides": VARIANTS[name], "train_seconds": seconds})
+    if args.peer_main:
+        last = run_peer(args, export_reals(args.shards, args.count, manifest["resolution"], args.out / "peer_data"))
+        G, _ = build_models(100, 32, 32, manifest["resolution"])
+        G.load_state_dict(torch.load(last, map_location="cpu", weights_only=True))
+        seconds = float((last.parent / "train_seconds.txt").read_text())
+        score("pytorch/examples control", metrics.generate_u8(G, z, 50, torch.device("cpu")),
+              {"train_seconds": seconds})
+
+    print(f"\n{key}, {n} images per evaluation; lower is better\n")
+    print("| generator | FID | KID | SWD x1e3 |\n| --- | --- | --- | --- |")
+    for label, row in table.items():
+        cells = [f"{row[k]:.4g}" if k in row else "n/a" for k in ("fid", "kid", "swd")]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
