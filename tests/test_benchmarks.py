@@ -29,7 +29,7 @@ def test_train_throughput_reports_flops_and_peak_fraction():
 
 def test_demo_memory_measures_every_process(shards32):
     out = run([sys.executable, "benchmarks/demo_memory.py", "--steps", "3", "--shards", shards32,
-               "model.resolution=32", "train.num_samples=4"], timeout=300)
+               "model.resolution=32", "train.num_samples=4", "eval.num_images=32"], timeout=300)
     result = last_json(out)
     assert result["processes"] >= 3                        # the launcher and both ranks, at least
     assert result["peak_rss_mb"] >= result["peak_pss_mb"] > 100
