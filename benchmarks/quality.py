@@ -133,8 +133,7 @@ def main() -> None:
     n = args.num_images
     reals = first_images(shard_paths(args.shards), 2 * n, manifest["resolution"])
     inception = metrics.load_inception(None, torch.device("cpu"))
-    feats = (lambda x: torch.cat([inception(x[i:i + 50]).cpu() for i in range(0, len(x), 50)])) if inception else None
-    real_feats = feats(reals[:n]) if inception else None
+    real_feats = metrics.features(inception, reals[:n]) if inception else None
     z = torch.randn(n, 100, generator=torch.Generator().manual_seed(1_000_003))
 
     results_path = args.out / "quality.json"

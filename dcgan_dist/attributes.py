@@ -9,7 +9,6 @@ held-out accuracy and balanced accuracy per attribute.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES
 from dcgan_dist.data.shards import read_manifest, shard_paths
-from dcgan_dist.data.stream import iter_tar
+from dcgan_dist.data.stream import ordered_blocks
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
 
@@ -47,18 +46,16 @@ class AttributeNet(nn.Module):
 
 def labelled_images(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the shard set with its 40 attributes as 0/1: (N, 3, R, R) uint8, (N, 40) float."""
-    manifest = read_manifest(shards)
     images, labels = [], []
-    for path in shard_paths(shards, manifest):
-        for sample in iter_tar(path, lambda p, exc: None):
-            if "npy" not in sample or "json" not in sample:
-                continue
-            records = json.loads(sample["json"])
-            if any("attributes" not in r for r in records):
-                raise UserError(f"shards '{shards}' have no attribute labels (made from a plain image folder?); "
-                                "the classifier needs shards made from CelebA's layout with list_attr_celeba.txt")
-            images.append(np.load(io.BytesIO(sample["npy"]), allow_pickle=False))
-            labels += [[float(r["attributes"][n] > 0) for n in ATTRIBUTE_NAMES] for r in records]
+    for block, sample in ordered_blocks(shard_paths(shards, read_manifest(shards))):
+        if "json" not in sample:
+            continue
+        records = json.loads(sample["json"])
+        if any("attributes" not in r for r in records):
+            raise UserError(f"shards '{shards}' have no attribute labels (made from a plain image folder?); "
+                            "the classifier needs shards made from CelebA's layout with list_attr_celeba.txt")
+        images.append(block)
+        labels += [[float(r["attributes"][n] > 0) for n in ATTRIBUTE_NAMES] for r in records]
     if not images:
         raise UserError(f"shards '{shards}': no readable images")
     return torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)

@@ -21,6 +21,7 @@ from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
 from dcgan_dist.layout import RunLayout
 from dcgan_dist.metrics import to_uint8
+from dcgan_dist.report import grid_u8
 from dcgan_dist.sample import native_bf16, sample
 from dcgan_dist.snapshot import FILENAME, load_snapshot
 
@@ -79,21 +80,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
-def grid(images_u8: torch.Tensor, ncol: int, padding: int = 2) -> Image.Image:
-    n, _, h, w = images_u8.shape
-    rows = -(-n // ncol)
-    canvas = torch.zeros(3, rows * (h + padding) + padding, ncol * (w + padding) + padding, dtype=torch.uint8)
-    for i in range(n):
-        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
-        canvas[:, top:top + h, left:left + w] = images_u8[i]
-    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
-
-
 def save_image(img: Image.Image, path: Path, **kw) -> None:
+    """Atomically, in the format its suffix names (.png, .gif); `kw` goes to Pillow's save."""
     import io
 
     buf = io.BytesIO()
-    img.save(buf, format=kw.pop("format", None) or Path(path).suffix[1:].upper().replace("JPG", "JPEG"), **kw)
+    img.save(buf, format=Path(path).suffix[1:].upper(), **kw)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -101,7 +93,7 @@ def write_images(images_u8: torch.Tensor, output: Path) -> Path:
     """OUT.png: one grid. Anything else: a folder of PNGs named 000000.png, ... (what FID tools read)."""
     output = Path(output)
     if output.suffix.lower() == ".png":
-        save_image(grid(images_u8, ncol=int(np.ceil(np.sqrt(len(images_u8))))), output)
+        save_image(grid_u8(images_u8, nrow=int(np.ceil(np.sqrt(len(images_u8))))), output)
         return output
     if output.exists() and not output.is_dir():
         raise UserError(f"--output '{output}': exists and is not a folder (end it with .png for one grid)")
@@ -119,15 +111,11 @@ def interpolate(render: Renderer, nz: int, paths: int, steps: int, seed: int, ou
                    for k in range(paths)])
     images = render(z)                                             # path-major: row k holds path k
     png = Path(output).with_suffix(".png")
-    save_image(grid(images, ncol=steps), png)
-    frames = [grid(images[torch.arange(paths) * steps + s], ncol=paths) for s in range(steps)]
+    save_image(grid_u8(images, nrow=steps), png)
+    frames = [grid_u8(images[torch.arange(paths) * steps + s], nrow=paths) for s in range(steps)]
     frames += frames[-2:0:-1]                                      # and back, so the loop has no jump
     gif = png.with_suffix(".gif")
-    import io
-
-    buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=120, loop=0)
-    atomic_write_bytes(gif, buf.getvalue())
+    save_image(frames[0], gif, save_all=True, append_images=frames[1:], duration=120, loop=0)
     return png, gif
 
 

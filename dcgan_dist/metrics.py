@@ -11,7 +11,6 @@ spreading of the work over ranks is in evaluate.py.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -203,10 +202,6 @@ def fid_kid(inception_real: torch.Tensor, inception_fake: torch.Tensor) -> dict[
             "kid": kid(inception_real, inception_fake, subset_size=min(1000, len(inception_real)))}
 
 
-def finite(values: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in values.items() if math.isfinite(v)}
-
-
 @torch.no_grad()
 def generate_u8(G: torch.nn.Module, z: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """uint8 images of G(z), `batch` latents at a time (batch statistics, as in training)."""
@@ -220,6 +215,11 @@ def evaluate_images(real_u8: torch.Tensor, fake_u8: torch.Tensor, inception: Opt
     """FID, KID (with an Inception) and SWD between two uint8 image sets, in one process."""
     out = swd(real_u8, fake_u8)
     if inception is not None:
-        feats = lambda x: torch.cat([inception(x[i:i + batch]).cpu() for i in range(0, len(x), batch)])
-        out.update(fid_kid(feats(real_u8) if real_features is None else real_features, feats(fake_u8)))
+        real = features(inception, real_u8, batch) if real_features is None else real_features
+        out.update(fid_kid(real, features(inception, fake_u8, batch)))
     return out
+
+
+def features(inception: Inception, images_u8: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    """Inception features on the CPU, `batch` images at a time."""
+    return torch.cat([inception(images_u8[i:i + batch]).cpu() for i in range(0, len(images_u8), batch)])

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from dcgan_dist.layout import RunLayout
+from dcgan_dist.metrics import to_uint8
 
 TRAIN_PANELS = (("loss", ("loss_d", "loss_g"), "BCE loss (log scale)", True),
                 ("D output", ("d_real", "d_fake"), "mean D output (sigmoid)", False))
@@ -27,7 +28,11 @@ LABELS = {"loss_d": "D loss", "loss_g": "G loss", "d_real": "D(x), real", "d_fak
 def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
     """(N, C, H, W) in [-1, 1] -> one RGB image, `nrow` per row with black gutters, laid out as
     torchvision's make_grid. Here rather than torchvision.utils, whose import costs every rank 160 MB."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+    return grid_u8(to_uint8(images).cpu(), nrow, padding)
+
+
+def grid_u8(x: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
+    """grid_image for uint8 images (N, C, H, W) already on the CPU."""
     n, c, h, w = x.shape
     x = x.expand(n, 3, h, w) if c == 1 else x
     cols = min(nrow, n)

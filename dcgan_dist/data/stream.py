@@ -237,19 +237,24 @@ def stop_loader(batches: Iterator) -> None:
             worker.join(timeout=10)
 
 
+def ordered_blocks(shards: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
+    """Every image block of the shards in shard order, with its tar sample (its .json records), for
+    readers that need the same images every time: evaluation and the attribute classifier."""
+    for path in shards:
+        for sample in iter_tar(path, lambda p, exc: None):
+            if "npy" in sample:
+                yield np.load(io.BytesIO(sample["npy"]), allow_pickle=False), sample
+
+
 def first_images(shards: list[str], count: int, resolution: int) -> torch.Tensor:
     """The first `count` images of the shard set in shard order, uint8 (count, 3, R, R): a fixed real
     set for evaluation, the same on every rank and in every run."""
     blocks, have = [], 0
-    for path in shards:
-        for sample in iter_tar(path, lambda p, exc: None):
-            if "npy" not in sample:
-                continue
-            block = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-            if block.dtype != np.uint8 or block.shape[1:] != (resolution, resolution, 3):
-                continue
-            blocks.append(block[: count - have])
-            have += len(blocks[-1])
-            if have == count:
-                return torch.from_numpy(np.concatenate(blocks)).permute(0, 3, 1, 2).contiguous()
+    for block, _ in ordered_blocks(shards):
+        if block.dtype != np.uint8 or block.shape[1:] != (resolution, resolution, 3):
+            continue
+        blocks.append(block[: count - have])
+        have += len(blocks[-1])
+        if have == count:
+            return torch.from_numpy(np.concatenate(blocks)).permute(0, 3, 1, 2).contiguous()
     raise RunStopped(f"only {have} readable images in the shards, fewer than eval.num_images={count}")

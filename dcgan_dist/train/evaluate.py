@@ -27,7 +27,6 @@ from dcgan_dist.config import Config, metric_list
 from dcgan_dist.data.shards import shard_paths
 from dcgan_dist.data.stream import first_images
 from dcgan_dist.fsutil import atomic_write_bytes
-from dcgan_dist.sample import sample
 from dcgan_dist.train import dist
 
 EVAL_SEED_OFFSET = 1_000_003           # eval latents never coincide with the fixed sample grid's
@@ -48,10 +47,6 @@ class Evaluator:
         self.real_u8 = first_images(shard_paths(cfg.data.shards), self.num, cfg.model.resolution)
         self.real_features = self._real_features() if self.inception is not None else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.metrics)
-
     def best_metric(self) -> str:
         """eval.best_by, or fid when it can be computed, else swd (else kid)."""
         if self.cfg.eval.best_by is not None:
@@ -66,7 +61,7 @@ class Evaluator:
         bar = tqdm(total=len(self.mine) * self.batch, desc="evaluating", unit="img", leave=False,
                    disable=not self.acc.is_main_process, dynamic_ncols=True)
         for j in self.mine:
-            fakes[j] = metrics.to_uint8(sample(G, self.z[j * self.batch:(j + 1) * self.batch].to(device))).cpu()
+            fakes[j] = metrics.generate_u8(G, self.z[j * self.batch:(j + 1) * self.batch], self.batch, device)
             bar.update(len(fakes[j]))
         feats = {j: self.inception(x).cpu() for j, x in fakes.items()} if self.inception is not None else {}
         bar.close()

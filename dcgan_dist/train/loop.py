@@ -196,7 +196,7 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         path = checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts,
                                best=best, extra_files=snapshot)
         if accelerator.is_main_process:
-            _publish_generator(RunLayout.of(cfg.run_dir), path)
+            _publish_generator(RunLayout.of(cfg.run_dir), path, best)
 
     evaluator = run["evaluator"]
     eval_every = _eval_every_steps(cfg, global_batch)
@@ -239,11 +239,11 @@ def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int) -> 
         tracker.images(step, "samples/fake_raw", sample(nets.G_local, fixed_z), tracker.layout.fakes(step, raw=True))
 
 
-def _publish_generator(layout: RunLayout, saved: Path) -> None:
-    """run_dir/generator.safetensors: a copy of the best snapshot, or of the latest while no best exists."""
-    best = layout.best / SNAPSHOT
-    source = best if best.is_file() else saved / SNAPSHOT
-    atomic_write_bytes(layout.generator, source.read_bytes())
+def _publish_generator(layout: RunLayout, saved: Path, best: bool) -> None:
+    """run_dir/generator.safetensors: a copy of the best snapshot, or of the latest while no best exists.
+    A regular save after a best leaves the copy as it is."""
+    if best or not (layout.best / SNAPSHOT).is_file():
+        atomic_write_bytes(layout.generator, (saved / SNAPSHOT).read_bytes())
 
 
 def _eval_every_steps(cfg: Config, global_batch: int) -> int:
