@@ -270,12 +270,16 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def save_config(cfg: Config, path: Path) -> None:
+def save_config(cfg: Config, path: Path, facts: Optional[dict] = None) -> None:
     """Write the resolved config atomically, schema keys only, so `--config path` reloads it as it is.
-    Facts about the run (world size, precision, ...) go to their own file (layout.RunLayout.facts)."""
+    Facts about the run (world size, precision, ...) are not keys: they head the file as comments, for
+    the reader, and go to their own file for programs (layout.RunLayout.facts)."""
     from dcgan_dist.fsutil import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    header = "".join(f"# {key}: {value}\n" for key, value in (facts or {}).items())
+    if header:
+        header = "# This run (facts, not config keys; also in run.json):\n" + header
+    atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def describe() -> str:

@@ -18,10 +18,35 @@ class RunStopped(UserError):
     exit_code = 3
 
 
+class PeerLost(RunStopped):
+    """Another rank or machine of the job died. Each machine says so once: rank 0 may be the one that
+    died, and each machine's log should tell its reader why its ranks stopped."""
+
+    exit_code = 4
+    every_node = True
+
+
+def _first_on_this_machine() -> bool:
+    """True for the first rank of this machine to ask, per launch. The launcher kills the other ranks
+    as soon as one exits, so waiting for local rank 0 to speak could lose the line; the ranks of one
+    launcher share its PID, so an exclusively created file named after it picks one of them."""
+    import tempfile
+
+    marker = os.path.join(tempfile.gettempdir(), f"dcgan-dist-stopped-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}")
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def main_guard(fn):
     """Wrap a launch script's main(): a UserError prints `error: <message>` once and exits with its code.
 
-    Under a multi-rank launch every rank usually hits the same error; only global rank 0 prints it.
+    Under a multi-rank launch every rank usually hits the same error; only global rank 0 prints it
+    (each machine's first rank to fail, for errors marked `every_node`).
     """
 
     @functools.wraps(fn)
@@ -29,11 +54,12 @@ def main_guard(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            message, code = str(exc), exc.exit_code
+            message, code, every_node = str(exc), exc.exit_code, getattr(exc, "every_node", False)
         # Exit outside the except block: the traceback (and any loader workers its frames hold) is freed
         # first, so interpreter shutdown never waits on a worker that nobody will stop.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        if _first_on_this_machine() if every_node else os.environ.get("RANK", "0") == "0":
+            # A rank other than the progress bar's may speak: start on a line of its own.
+            print(f"{chr(10) if every_node else ''}error: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
 
     return wrapper

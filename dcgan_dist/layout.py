@@ -3,6 +3,7 @@
     run_dir/
       config.yaml          the resolved config, schema keys only: `--config run_dir/config.yaml` reloads it
       run.json             facts about the run: world size, precision, global batch, workers, dataset size
+      LOCK                 while a job runs: which host and process hold this run_dir (runlock.py)
       metrics.jsonl        one JSON row per log step (training) and per evaluation ("eval/..." keys)
       checkpoints/step-XXXXXXXX/   full training state (checkpoint.py), and generator.safetensors, the
                            EMA generator alone (snapshot.py); checkpoints/best/ likewise, by eval.best_by
@@ -38,6 +39,10 @@ class RunLayout:
     @property
     def facts(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "LOCK"
 
     @property
     def metrics(self) -> Path:

@@ -17,10 +17,10 @@ import warnings
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from dcgan_dist.config import Config, ConfigError
-from dcgan_dist.errors import RunStopped
+from dcgan_dist.errors import PeerLost, RunStopped, UserError
 from dcgan_dist.sample import native_bf16
 
 
@@ -235,6 +235,37 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
                                  f"{accelerator.process_index} and rank {rank}; not saving this state")
     combined = [hashlib.sha256("".join(d.values()).encode()).hexdigest()[:16] for d in everyone]
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
+
+
+def on_main(accelerator: Accelerator, fn) -> None:
+    """Collective: global rank 0 runs `fn`; if it raises a UserError, every rank raises it, so the whole
+    job stops together with rank 0's one line instead of the others hanging in their next collective."""
+    message = [None]
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except UserError as exc:
+            message = [str(exc)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0] is not None:
+        raise UserError(message[0])
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "Socket Timeout")
+
+
+def peer_lost(accelerator: Accelerator, exc: BaseException) -> Optional[PeerLost]:
+    """A one-line PeerLost for an error that means another rank or machine died, else None."""
+    text = str(exc)
+    if accelerator.num_processes == 1 or not any(s in text for s in _PEER_LOST):
+        return None
+    detail = next((line.strip() for line in text.splitlines() if any(s in line for s in _PEER_LOST)), "")
+    detail = detail.split("] ", 1)[-1].split(". ")[0][:160]
+    return PeerLost(f"lost contact with another rank of this {accelerator.num_processes}-rank job ({detail}): a "
+                    "process or machine died; rerun the same command on every machine to resume")
 
 
 def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:

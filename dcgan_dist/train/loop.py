@@ -11,6 +11,8 @@ step (data/stream.py). A resumed run therefore logs the same losses as an uninte
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writa
 from dcgan_dist.layout import RunLayout
 from dcgan_dist.models import build_models
 from dcgan_dist.report import write_report
+from dcgan_dist.runlock import RunLock
 from dcgan_dist.sample import sample
 from dcgan_dist.snapshot import FILENAME as SNAPSHOT
 from dcgan_dist.snapshot import snapshot_bytes
@@ -108,6 +111,22 @@ class Interval:
 def train(cfg: Config) -> None:
     manifest = preflight(cfg)
     accelerator = dist.build_accelerator(cfg)
+    # Before anything is written to run_dir: a second job on it stops here, on every rank.
+    lock = RunLock(RunLayout.of(cfg.run_dir).lock, cfg.run_dir) if accelerator.is_main_process else None
+    dist.on_main(accelerator, lock.acquire if lock else None)
+    try:
+        _train(accelerator, cfg, manifest)
+    except RuntimeError as exc:
+        lost = dist.peer_lost(accelerator, exc)
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
     if accelerator.is_main_process:
@@ -123,11 +142,12 @@ def train(cfg: Config) -> None:
 
     global_batch = cfg.data.batch_size * world
     workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
-    run_facts = {"world_size": world, "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
+    run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+                 "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
                  "num_workers": workers, "dataset_count": manifest["count"]}
     if accelerator.is_main_process:
         layout = RunLayout.of(cfg.run_dir)
-        save_config(cfg, layout.config)
+        save_config(cfg, layout.config, facts=run_facts)
         atomic_write_text(layout.facts, json.dumps(run_facts, indent=1) + "\n")
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={manifest['count']} "
               f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
@@ -243,7 +263,11 @@ def _publish_generator(layout: RunLayout, saved: Path, best: bool) -> None:
     """run_dir/generator.safetensors: a copy of the best snapshot, or of the latest while no best exists.
     A regular save after a best leaves the copy as it is."""
     if best or not (layout.best / SNAPSHOT).is_file():
-        atomic_write_bytes(layout.generator, (saved / SNAPSHOT).read_bytes())
+        try:
+            atomic_write_bytes(layout.generator, (saved / SNAPSHOT).read_bytes())
+        except OSError as exc:          # a convenience copy: the checkpoint holds the same file
+            print(f"warning: could not update '{layout.generator}' ({exc.strerror}); "
+                  f"'{saved / SNAPSHOT}' has the same weights", file=sys.stderr, flush=True)
 
 
 def _eval_every_steps(cfg: Config, global_batch: int) -> int:

@@ -1,0 +1,185 @@
+"""One job per run_dir: a lock file that names its holder, with stale-lock detection.
+
+Two jobs writing one run_dir (an easy mistake on shared storage) would interleave checkpoints and
+rotate each other's away. Global rank 0 holds `run_dir/LOCK` for the whole run. It holds JSON naming
+the host, PID namespace, PID and process start time of the holder, and a thread touches it every
+HEARTBEAT_S seconds.
+
+A lock is stale, and is taken over with a note, when:
+- its holder was on this host, in this PID namespace, and that process is gone (or its PID now belongs
+  to another process): decided at once;
+- otherwise (another machine or container), when it has had no heartbeat for STALE_AFTER_S seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+from dcgan_dist.errors import UserError
+
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 90.0        # six missed heartbeats; generous for clock skew between NFS clients
+
+
+def _pid_namespace() -> str:
+    """Containers on one host (even with --network host, so the same hostname) have PID spaces of their
+    own: a PID can only be checked by a process in the same one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (Linux); None if there is no such process.
+    Two different processes that reuse one PID never share it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _job_id() -> str:
+    for var in ("SLURM_JOB_ID", "PBS_JOBID", "TORCHELASTIC_RUN_ID"):
+        if os.environ.get(var) and os.environ[var] != "none":
+            return f"{var.split('_')[0].lower()} {os.environ[var]}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    pid_ns: str = ""
+    start_ticks: int = -1
+    job: str = ""
+    since: str = ""
+
+    @classmethod
+    def me(cls) -> "Holder":
+        pid = os.getpid()
+        return cls(host=socket.gethostname(), pid=pid, pid_ns=_pid_namespace(), start_ticks=_start_ticks(pid) or -1,
+                    job=_job_id(), since=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+    def describe(self) -> str:
+        job = f", {self.job}" if self.job else ""
+        return f"host {self.host}, pid {self.pid}{job}, since {self.since or 'unknown'}"
+
+
+def stale_reason(holder: Holder, heartbeat_age_s: float, me: Optional[Holder] = None) -> Optional[str]:
+    """Why the lock `holder` left is stale, or None if its job may still be running."""
+    me = me or Holder.me()
+    if holder.host == me.host and holder.pid_ns == me.pid_ns:
+        ticks = _start_ticks(holder.pid)
+        if ticks is None:
+            return f"its process {holder.pid} is gone"
+        if -1 not in (ticks, holder.start_ticks) and ticks != holder.start_ticks:
+            return f"pid {holder.pid} now belongs to another process"
+        return None
+    if heartbeat_age_s > STALE_AFTER_S:
+        return f"no heartbeat for {heartbeat_age_s:.0f} s"
+    return None
+
+
+class RunLock:
+    """Held by global rank 0 from start to exit. `acquire` raises UserError if another job holds it."""
+
+    def __init__(self, path: Path, run_dir: str):
+        self.path, self.run_dir = Path(path), run_dir
+        self.me = Holder.me()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def acquire(self) -> None:
+        for _ in range(20):
+            if self._create():
+                self._thread = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
+                self._thread.start()
+                return
+            found = self._read()
+            if found is None:                   # released, or half-written by a starting job: look again
+                time.sleep(0.25)
+                continue
+            holder, age = found
+            reason = stale_reason(holder, age, self.me)
+            if reason is None:
+                raise UserError(f"run_dir '{self.run_dir}' is in use by a running job ({holder.describe()}); "
+                                "stop that job or choose another run_dir")
+            print(f"note: taking over a stale lock on run_dir '{self.run_dir}' ({holder.describe()}): {reason}",
+                  file=sys.stderr, flush=True)
+            self._discard(holder)
+        raise UserError(f"run_dir '{self.run_dir}': could not take '{self.path}'; another job keeps replacing it")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        found = self._read()
+        if found is not None and found[0] == self.me:
+            self.path.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self.me)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self) -> Optional[tuple[Holder, float]]:
+        """(holder, seconds since its last heartbeat), or None if there is no complete lock file."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            data = json.loads(self.path.read_text())
+            return Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data}), age
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            if age > STALE_AFTER_S:             # garbage nobody is finishing: a stale lock of no one
+                return Holder(host="?", pid=-1, since="unknown"), age
+            return None
+
+    def _discard(self, holder: Holder) -> None:
+        """Move the stale lock aside, and put it back if it turns out to be a new holder's."""
+        aside = self.path.with_name(f".{self.path.name}.stale-{self.me.pid}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = Holder(**json.loads(aside.read_text()))
+        except (OSError, ValueError, TypeError):
+            moved = holder
+        if moved != holder and not self.path.exists():      # someone else took it over meanwhile
+            os.replace(aside, self.path)
+        aside.unlink(missing_ok=True)
+
+    def _heartbeat(self) -> None:
+        """Touch the lock while the job runs. Never raises: a storage hiccup must not stop training."""
+        warned = False
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                found = self._read()
+                if found is not None and found[0] != self.me:
+                    if not warned:
+                        print(f"warning: the lock on run_dir '{self.run_dir}' was taken by "
+                              f"{found[0].describe()}", file=sys.stderr, flush=True)
+                    warned = True
+                    continue
+                os.utime(self.path)
+            except OSError:
+                pass
