@@ -10,6 +10,7 @@ under a real name.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,10 +22,9 @@ from typing import Optional
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
-from dcgan_dist.train.dist import barrier
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return RunLayout.of(run_dir).checkpoints
@@ -56,28 +56,62 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
          keep: int, best: bool = False, extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Collective: every rank must call it. Rank 0 finalises, renames and rotates. With `best`, the
     state goes to checkpoints/best/ instead, replacing the previous best; rotation never touches it.
-    `extra_files` (rank 0's) are written inside, before the COMPLETE marker."""
+    `extra_files` (rank 0's) are written inside, before the COMPLETE marker.
+
+    A write that fails on any rank (a full disk, a quota, a lost mount) stops every rank together with
+    one line (RunStopped): the half-written folder is removed and the previous checkpoints stay as they
+    were, complete."""
     final = RunLayout.of(run_dir).best if best else step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)      # left over from a save killed half-way
-        tmp.mkdir(parents=True)
-    barrier(accelerator)
-    accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
-    _fault_injection_pause(step)
-    barrier(accelerator)
-    if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
-        atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
-        for name, data in (extra_files or {}).items():
-            atomic_write_bytes(tmp / name, data)
-        _fsync_tree(tmp)
-        atomic_write_text(tmp / MARKER, f"step {step}\n")
-        _replace_dir(tmp, final)
-        if not best:
-            rotate(run_dir, keep)
-    barrier(accelerator)
+    main = accelerator.is_main_process
+
+    def write_all() -> None:
+        accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
+        _fault_injection(step, tmp)
+        if main:
+            atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+            atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
+            for name, data in (extra_files or {}).items():
+                atomic_write_bytes(tmp / name, data)
+            _fsync_tree(tmp)
+
+    def finalise() -> None:
+        if main:
+            atomic_write_text(tmp / MARKER, f"step {step}\n")
+            _replace_dir(tmp, final)
+            if not best:
+                rotate(run_dir, keep)
+
+    _all_or_none(accelerator, lambda: _fresh_dir(tmp) if main else None, tmp, run_dir)
+    _all_or_none(accelerator, write_all, tmp, run_dir)
+    _all_or_none(accelerator, finalise, tmp, run_dir)
     return final
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)      # left over from a save killed half-way
+    path.mkdir(parents=True)
+
+
+def _all_or_none(accelerator: Accelerator, write, tmp: Path, run_dir: str | Path) -> None:
+    """Collective, and a barrier: run this rank's part of a save; if any rank's part failed with an
+    OSError, remove the partial folder and raise the same RunStopped on every rank."""
+    try:
+        write()
+        error = None
+    except OSError as exc:
+        error = f"{exc.strerror or exc}" + (f": '{exc.filename}'" if exc.filename else "")
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)        # frees what it took, and leaves nothing half-written
+    rank, reason = failed[0]
+    kept = latest(run_dir, warn=False)
+    raise RunStopped(f"could not write checkpoint '{tmp.name.removeprefix('.tmp-')}' in '{tmp.parent}' (rank {rank}: "
+                     f"{reason}); stopping. The newest complete checkpoint is {kept or 'none'}: free space "
+                     "and rerun the same command to resume from it")
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -102,11 +136,15 @@ def recover_best(run_dir: str | Path) -> Optional[Path]:
     return best if (best / MARKER).is_file() else None
 
 
-def _fault_injection_pause(step: int) -> None:
-    """DCGAN_FAULT_SLOW_SAVE=STEP:SECONDS holds the save of STEP half done, for the kill-during-save test."""
+def _fault_injection(step: int, tmp: Path) -> None:
+    """Test hooks, read from the environment:
+    DCGAN_FAULT_SLOW_SAVE=STEP:SECONDS holds the save of STEP half done, for the kill-during-save test;
+    DCGAN_FAULT_ENOSPC=STEP makes rank 0's write of STEP fail as a full disk does, half-way through."""
     spec = os.environ.get("DCGAN_FAULT_SLOW_SAVE", "")
     if spec and int(spec.split(":")[0]) == step:
         time.sleep(float(spec.split(":")[1]))
+    if os.environ.get("DCGAN_FAULT_ENOSPC") == str(step) and os.environ.get("RANK", "0") == "0":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE_FILE))
 
 
 def rotate(run_dir: str | Path, keep: int) -> None:
