@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYNTH  := data/synthetic
 SHARDS := data/shards/demo64
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-all clean-demo
 
 setup: $(STAMP)
 
@@ -33,11 +33,13 @@ demo: setup $(SHARDS)/manifest.json
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
 	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
 
+# What CI runs. `slow` marks the 20-run exit-code soak (benchmarks/repeat_runs.py, 3+ minutes): every
+# other launch in the suite already asserts exit 0.
 test: setup
-	$(BIN)/python -m pytest -q
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+test-all: setup
+	$(BIN)/python -m pytest -q
 
 clean-demo:
 	rm -rf runs/demo
