@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -188,3 +189,40 @@ def test_accelerate_config_loads_with_accelerates_loader_and_says_how_to_launch(
 
 def test_every_accelerate_config_is_covered():
     assert sorted(p.name for p in (ROOT / "configs/accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
+
+
+def test_image_tree_from_the_copy_lines_has_everything_the_entry_point_runs(tmp_path):
+    """Lay out /opt/dcgan-dist as the COPY lines (through .dockerignore) would, and run the entry point there."""
+    allowed = [ln.strip("!/ ") for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")]
+    for ins, args in dockerfile():
+        if ins != "COPY":
+            continue
+        *sources, dest = args.split()
+        for src in sources:
+            assert any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed), f"{src}: .dockerignore drops it"
+            target = tmp_path / (dest.rstrip("/") + "/" + Path(src).name if dest.endswith("/") and not src.endswith("/")
+                                 else dest)
+            if (ROOT / src).is_dir():
+                shutil.copytree(ROOT / src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / src, target)
+    default = exec_form("CMD")
+    assert (tmp_path / default[default.index("--config") + 1]).is_file()
+    for gpus in ("0", "1", "8"):
+        out = run([tmp_path / "docker/entrypoint.sh", *default], timeout=60,
+                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DRY_RUN": "1",
+                       "GPUS_PER_MACHINE": gpus})
+        cmd = rendered(out)
+        assert (tmp_path / cmd[cmd.index("--config_file") + 1]).is_file() and (tmp_path / "launch/train.py").is_file()
+
+
+def test_the_package_builds_as_the_image_installs_it(tmp_path):
+    out = run([BIN / "python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+               "-w", tmp_path, "."], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("dcgan_dist-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dcgan_dist/runlock.py" in names and "dcgan_dist/train/loop.py" in names
