@@ -27,12 +27,15 @@ def _opt(default, help: str, *, min=None, max=None, choices=None):
 
 @dataclass
 class DataConfig:
-    shards: str = _opt("data/shards/train", "Directory written by launch/shard.py (holds manifest.json).")
+    shards: str = _opt("data/shards/train", "Shard set written by launch/shard.py (holds manifest.json): a folder, "
+                                            "or http(s)://, s3://, gs:// URL of one, or pipe:CMD with {name}.")
     batch_size: int = _opt(128, "Images per rank per step; the global batch is batch_size * world_size.", min=1)
     num_workers: Optional[int] = _opt(
         None, "Loader worker processes per rank; 0 = read in the training process. null = 0 on CPU (the "
               "loader costs under 1% of a step; a worker would take cores from it), 4 per GPU.", min=0)
     shuffle_buffer: int = _opt(2000, "Samples held per stream for shuffling; bounds loader memory.", min=1)
+    verify_remote: bool = _opt(False, "Check a remote set's sha256s at start, as is always done for a folder: "
+                                      "rank 0 then downloads the whole set once before training.")
 
 
 @dataclass

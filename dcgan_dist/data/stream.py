@@ -27,11 +27,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dcgan_dist.data import remote
 from dcgan_dist.errors import RunStopped
 
 
-def iter_tar(path: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict]:
-    """Blocks of one shard, as webdataset groups them: {'__key__', 'npy', 'json', ...}.
+def iter_tar(path: str, on_error: Callable[[str, Exception], None], data: Optional[bytes] = None) -> Iterator[dict]:
+    """Blocks of one shard, as webdataset groups them: {'__key__', 'npy', 'json', ...}; from the file at
+    `path`, or from `data`, the shard's bytes already downloaded from `path`.
 
     A truncated or corrupt tar ends that shard early; `on_error` is told, and the stream goes on.
     """
@@ -40,13 +42,29 @@ def iter_tar(path: str, on_error: Callable[[str, Exception], None]) -> Iterator[
         return True
 
     try:
-        f = open(path, "rb")
+        f = open(path, "rb") if data is None else io.BytesIO(data)
     except OSError as exc:
         on_error(path, exc)
         return
     with f:
         yield from wds.tariterators.group_by_keys(
             wds.tariterators.tar_file_expander([{"url": path, "stream": f}], handler=handler), handler=handler)
+
+
+def read_shards(paths: list[str], on_error: Callable[[str, Exception], None],
+                on_retry: Optional[Callable[[str], None]] = None) -> Iterator[dict]:
+    """The samples of `paths` in order. Remote shards (data/remote.py) are downloaded whole, a few ahead,
+    by threads of this process (a loader worker, when there are workers); one that still fails after
+    its retries is reported to `on_error` and skipped."""
+    if not paths or not remote.is_remote(paths[0]):
+        for path in paths:
+            yield from iter_tar(path, on_error)
+        return
+    for url, data in remote.fetch_ahead(paths, on_retry):
+        if isinstance(data, OSError):
+            on_error(url, data)
+        else:
+            yield from iter_tar(url, on_error, data)
 
 
 def stream_shards(shards: list[str], num_streams: int, stream_id: int) -> list[str]:
@@ -130,14 +148,14 @@ class BatchStream(IterableDataset):
     def _blocks(self, shards: list[str], rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Infinite uint8 image blocks (n, R, R, 3); the shard order is reshuffled every pass."""
         on_error = lambda path, exc: self._problem(f"skipping unreadable data in shard {path}: {exc}")
+        on_retry = lambda what: print(f"warning: {what}", file=sys.stderr, flush=True)
         while True:
             read = 0
-            for i in rng.permutation(len(shards)):
-                for sample in iter_tar(shards[i], on_error):
-                    block = self._block(sample, shards[i])
-                    if block is not None and len(block):
-                        read += len(block)
-                        yield block
+            for sample in read_shards([shards[i] for i in rng.permutation(len(shards))], on_error, on_retry):
+                block = self._block(sample, sample["__url__"])
+                if block is not None and len(block):
+                    read += len(block)
+                    yield block
             if read == 0:                 # a whole pass gave nothing: never spin forever on bad shards
                 raise RunStopped(f"no readable samples in shards {', '.join(shards)}")
 
@@ -240,10 +258,9 @@ def stop_loader(batches: Iterator) -> None:
 def ordered_blocks(shards: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
     """Every image block of the shards in shard order, with its tar sample (its .json records), for
     readers that need the same images every time: evaluation and the attribute classifier."""
-    for path in shards:
-        for sample in iter_tar(path, lambda p, exc: None):
-            if "npy" in sample:
-                yield np.load(io.BytesIO(sample["npy"]), allow_pickle=False), sample
+    for sample in read_shards(shards, lambda p, exc: None):
+        if "npy" in sample:
+            yield np.load(io.BytesIO(sample["npy"]), allow_pickle=False), sample
 
 
 def first_images(shards: list[str], count: int, resolution: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ just the latents, is what makes the images, and so the metrics, the same at any 
 Every rank then gathers all features and images and computes the same numbers: there is no step where
 rank 0 computes alone while the others wait in a collective (shared/PITFALLS.md 23). The real side's
 Inception features are computed once per shard set, eval size and network, and cached next to the
-shards (or in the run folder when the shards are read-only).
+shards (in the run folder when the shards are read-only or remote).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from dcgan_dist import metrics
 from dcgan_dist.config import Config, metric_list
+from dcgan_dist.data.remote import is_remote
 from dcgan_dist.data.shards import shard_paths
 from dcgan_dist.data.stream import first_images
 from dcgan_dist.fsutil import atomic_write_bytes
@@ -98,7 +99,9 @@ class Evaluator:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
         name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}.pt"
-        return [Path(self.cfg.data.shards) / "eval-cache" / name, Path(self.cfg.run_dir) / "eval-cache" / name]
+        beside_run = Path(self.cfg.run_dir) / "eval-cache" / name
+        return [beside_run] if is_remote(self.cfg.data.shards) else [Path(self.cfg.data.shards) / "eval-cache" / name,
+                                                                     beside_run]
 
     @staticmethod
     def _write_cache(feats: torch.Tensor, caches: list[Path]) -> None:

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from dcgan_dist.config import Config, metric_list, save_config
+from dcgan_dist.data.remote import is_remote
 from dcgan_dist.data.shards import read_manifest, shard_paths, verify_shards
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.augment import parse_policy
@@ -44,7 +45,7 @@ from dcgan_dist.train.step import NO_STEP, Nets, Remedies, StepRunner, Totals, T
 
 def preflight(cfg: Config) -> dict:
     """Every user error we can see before starting a process group, as a one-line UserError."""
-    manifest = read_manifest(Path(cfg.data.shards))
+    manifest = read_manifest(cfg.data.shards)
     if manifest["resolution"] != cfg.model.resolution:
         raise UserError(f"config key 'model.resolution' is {cfg.model.resolution} but the shards in "
                         f"'{cfg.data.shards}' are {manifest['resolution']}px; re-shard or change the key")
@@ -129,8 +130,8 @@ def train(cfg: Config) -> None:
 def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
-    if accelerator.is_main_process:
-        verify_shards(Path(cfg.data.shards), manifest)
+    if accelerator.is_main_process and (cfg.data.verify_remote or not is_remote(cfg.data.shards)):
+        verify_shards(cfg.data.shards, manifest)
         checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
     stream = dist.graph_stream(accelerator, graph)
     nets = build(accelerator, cfg, stream)
@@ -212,7 +213,7 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
             snapshot[SNAPSHOT] = snapshot_bytes(
                 nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
                 kimg=done * global_batch / 1000, metrics=trainer_state.get("last_eval", {}),
-                shards=str(Path(cfg.data.shards).resolve()))
+                shards=cfg.data.shards if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
         path = checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts,
                                best=best, extra_files=snapshot)
         if accelerator.is_main_process:
