@@ -23,14 +23,16 @@ import io
 import json
 import sys
 import tarfile
+import tempfile
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dcgan_dist.data import remote
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
@@ -93,7 +95,8 @@ def _write_shard(task: tuple) -> dict:
 
 def write_shards(source: Source, output: Path, resolution: int, split: str, shard_size: int = 1000,
                  workers: int = 1, max_skip_fraction: float = 0.01, progress: bool = True,
-                 images_per_block: int = IMAGES_PER_BLOCK) -> dict:
+                 images_per_block: int = IMAGES_PER_BLOCK, on_shard: Optional[Callable[[Path], None]] = None) -> dict:
+    """`on_shard(path)` is called in this process as each shard is complete on disk (to upload it)."""
     output = Path(output)
     _check_writable(output)
     items = source.items
@@ -109,10 +112,14 @@ def write_shards(source: Source, output: Path, resolution: int, split: str, shar
             for entry in pool.imap_unordered(_write_shard, tasks):
                 entries.append(entry)
                 bar.update(entry["count"] + len(entry["skipped"]))
+                if on_shard is not None:
+                    on_shard(output / entry["name"])
     else:
         for task in tasks:
             entries.append(_write_shard(task))
             bar.update(entries[-1]["count"] + len(entries[-1]["skipped"]))
+            if on_shard is not None:
+                on_shard(output / entries[-1]["name"])
     bar.close()
     entries.sort(key=lambda e: e["name"])
     fsync_dir(output)
@@ -153,16 +160,28 @@ def _check_writable(output: Path) -> None:
         raise UserError(f"output '{output}': not writable ({exc.strerror})") from None
 
 
-def read_manifest(shards_dir: Path) -> dict:
-    """Load and sanity-check manifest.json; every problem is a one-line UserError naming the path."""
-    shards_dir = Path(shards_dir)
+def read_manifest(shards: Union[str, Path]) -> dict:
+    """Load and sanity-check manifest.json, from a folder or a remote set (remote.py); every problem is
+    a one-line UserError naming the path or URL."""
+    if remote.is_remote(shards):
+        url = remote.member(str(shards), MANIFEST)
+        try:
+            text = remote.with_retries(lambda: remote.fetch(url), url).decode()
+        except OSError as exc:
+            raise UserError(f"data.shards '{shards}': cannot read '{url}' ({exc})") from None
+        return _check_manifest(text, url, lambda name: True)
+    shards_dir = Path(shards)
     path = shards_dir / MANIFEST
     if not shards_dir.is_dir():
         raise UserError(f"data.shards '{shards_dir}': no such directory (make it with launch/shard.py)")
     if not path.is_file():
         raise UserError(f"data.shards '{shards_dir}': no {MANIFEST} (make the shards with launch/shard.py)")
+    return _check_manifest(path.read_text(), str(path), lambda name: (shards_dir / name).is_file())
+
+
+def _check_manifest(text: str, path: str, exists) -> dict:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}': not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if manifest.get("format") in OLD_FORMATS:
@@ -173,30 +192,67 @@ def read_manifest(shards_dir: Path) -> dict:
     if manifest["count"] <= 0 or not manifest["shards"]:
         raise UserError(f"'{path}': the shard set is empty (count 0)")
     for entry in manifest["shards"]:
-        if not (shards_dir / entry["name"]).is_file():
-            raise UserError(f"'{path}': lists shard '{entry['name']}' which is missing from {shards_dir}")
+        if not exists(entry["name"]):
+            raise UserError(f"'{path}': lists shard '{entry['name']}' which is missing from {Path(path).parent}")
     return manifest
 
 
-def shard_paths(shards_dir: Path, manifest: Optional[dict] = None) -> list[str]:
-    manifest = manifest or read_manifest(shards_dir)
-    return [str(Path(shards_dir) / e["name"]) for e in manifest["shards"]]
+def shard_paths(shards: Union[str, Path], manifest: Optional[dict] = None) -> list[str]:
+    """Every shard's path, or URL (pipe: command) for a remote set."""
+    manifest = manifest or read_manifest(shards)
+    if remote.is_remote(shards):
+        return [remote.member(str(shards), e["name"]) for e in manifest["shards"]]
+    return [str(Path(shards) / e["name"]) for e in manifest["shards"]]
 
 
-def verify_shards(shards_dir: Path, manifest: dict) -> list[str]:
+def verify_shards(shards: Union[str, Path], manifest: dict) -> list[str]:
     """Check every shard's sha256 against the manifest; warn for each mismatch and return their names.
 
     Training goes on: the loader skips what it cannot read and counts it (`data_errors` in the metrics).
+    A remote set is downloaded once for this, in order, a few shards ahead.
     """
     bad = []
-    for entry in manifest["shards"]:
+    paths = shard_paths(shards, manifest)
+    contents = remote.fetch_ahead(paths) if remote.is_remote(shards) else ((p, None) for p in paths)
+    for entry, (path, data) in zip(manifest["shards"], contents):
         digest = hashlib.sha256()
-        with open(Path(shards_dir) / entry["name"], "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        if data is None:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        elif isinstance(data, bytes):
+            digest.update(data)
         if digest.hexdigest() != entry["sha256"]:
             bad.append(entry["name"])
-            print(f"warning: shard '{Path(shards_dir) / entry['name']}' does not match the sha256 in its "
-                  "manifest (corrupt or changed since sharding); unreadable samples will be skipped and "
-                  "counted as data_errors", file=sys.stderr, flush=True)
+            reason = f"could not be read ({data})" if isinstance(data, OSError) else \
+                "does not match the sha256 in its manifest (corrupt or changed since sharding)"
+            print(f"warning: shard '{path}' {reason}; unreadable samples will be skipped and counted as "
+                  "data_errors", file=sys.stderr, flush=True)
     return bad
+
+
+def upload_file(path: Path, url: str) -> None:
+    """Put one local file of a shard set at `url` (remote.py), with retries; a one-line UserError if not."""
+    data = Path(path).read_bytes()
+    try:
+        remote.with_retries(lambda: remote.upload(url, data) or b"", url)
+    except OSError as exc:
+        raise UserError(f"output '{url}': upload failed ({exc})") from None
+
+
+def write_shards_anywhere(source: Source, output: str, *args, **kwargs) -> dict:
+    """`write_shards` to a folder, or to a remote set (remote.py): there the shards are written to a local
+    temporary folder and uploaded one by one as they are done, and the manifest last, so a set without
+    its manifest is incomplete, as on disk."""
+    if not remote.is_remote(output):
+        return write_shards(source, Path(output), *args, **kwargs)
+    remote.member(output, MANIFEST)                  # a malformed pipe: template fails before any work
+
+    def upload(path: Path) -> None:
+        upload_file(path, remote.member(output, path.name))
+        path.unlink()                                # local disk holds only the shards in flight
+
+    with tempfile.TemporaryDirectory(prefix="dcgan-shards-") as local:
+        manifest = write_shards(source, Path(local), *args, on_shard=upload, **kwargs)
+        upload_file(Path(local) / MANIFEST, remote.member(output, MANIFEST))
+    return manifest
