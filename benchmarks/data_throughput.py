@@ -2,7 +2,11 @@
 """Loader throughput: images/s up to the normalised float batch the training step consumes.
 
     python benchmarks/data_throughput.py --shards data/shards/demo64 --batch-size 128 [--num-workers N] \
-        --batches 50 [--jpeg-root data/synthetic/celeba/img_align_celeba] [--device cpu|cuda]
+        --batches 50 [--jpeg-root data/synthetic/celeba/img_align_celeba] [--device cpu|cuda] [--http]
+
+--shards may be a URL (http(s)://, s3://, gs://, pipe:): the stream then reads it remotely. With --http
+and a folder, the folder is also served by a local HTTP server (`python -m http.server`, its own
+process) and read through it: remote against local disk, the same set.
 
 --num-workers defaults to what the trainer uses on that device (`data.num_workers: null`): 0 on CPU,
 up to 4 on a GPU. On CUDA the batches come through pinned memory, as in training.
@@ -13,10 +17,14 @@ Resize(R) + CenterCrop(R) + ToTensor + Normalize, batched by a DataLoader. Print
 line is JSON with `images_per_s` (ours) and, when measured, the seeds' figure and the ratio.
 """
 import argparse
+import contextlib
 import itertools
 import json
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -28,7 +36,7 @@ from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
 from dcgan_dist.data.stream import make_loader  # noqa: E402
 
 
-def time_ours(shards: Path, batch: int, workers: int, batches: int, device: torch.device) -> float:
+def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch.device) -> float:
     manifest = read_manifest(shards)
     loader = make_loader(shard_paths(shards, manifest), batch, manifest["resolution"], 0, 0, 1, workers,
                          shuffle_buffer=2000, pin_memory=device.type == "cuda")
@@ -70,14 +78,37 @@ def time_seeds(jpeg_root: Path, resolution: int, batch: int, workers: int, batch
     return (n - 1) * batch / (time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """`python -m http.server` serving `folder` on a free loopback port; yields the set's URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                               str(folder), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "manifest.json", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, type=Path)
+    p.add_argument("--shards", required=True, help="a shard folder or URL")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, help="loader workers (default: the trainer's default here)")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--jpeg-root", type=Path)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--http", action="store_true", help="also read the folder through a local HTTP server")
     args = p.parse_args()
     torch.set_num_threads(1)                             # the target is per core
     device = torch.device(args.device)
@@ -93,6 +124,11 @@ def main() -> None:
               "resolution": resolution}
     print(f"{'pipeline':<40} {'img/s':>10}")
     print(f"{'dcgan-dist stream (tar -> float batch)':<40} {ours:>10.0f}")
+    if args.http:
+        with http_server(Path(args.shards)) as url:
+            served = time_ours(url, args.batch_size, args.num_workers, args.batches, device)
+        print(f"{'the same, from ' + url:<40} {served:>10.0f}")
+        result.update(http_images_per_s=round(served, 1), http_over_local=round(served / ours, 2))
     if args.jpeg_root:
         seeds = time_seeds(args.jpeg_root, resolution, args.batch_size, args.num_workers, args.batches)
         print(f"{'seeds: ImageFolder+Resize+CenterCrop':<40} {seeds:>10.0f}")

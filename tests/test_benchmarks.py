@@ -13,9 +13,10 @@ def last_json(out):
 
 def test_data_throughput_runs_both_pipelines(shards32, celeba_parent):
     out = run([sys.executable, "benchmarks/data_throughput.py", "--shards", shards32, "--batch-size", "16",
-               "--batches", "3", "--jpeg-root", celeba_parent / "celeba/img_align_celeba"], timeout=120)
+               "--batches", "3", "--jpeg-root", celeba_parent / "celeba/img_align_celeba", "--http"], timeout=120)
     result = last_json(out)
     assert result["images_per_s"] > 0 and result["seeds_images_per_s"] > 0 and result["resolution"] == 32
+    assert result["http_images_per_s"] > 0 and "the same, from http://127.0.0.1:" in out.stdout
 
 
 def test_train_throughput_reports_flops_and_peak_fraction():
