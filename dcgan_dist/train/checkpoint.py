@@ -157,7 +157,13 @@ def rotate(run_dir: str | Path, keep: int) -> None:
 def load(accelerator: Accelerator, path: Path) -> dict:
     """Restore models, optimizers, scaler and this rank's RNG states; return trainer_state."""
     state = json.loads((path / STATE_FILE).read_text())
-    accelerator.load_state(str(path))
+    scaler = accelerator.scaler
+    if scaler is not None and not (path / "scaler.pt").is_file():
+        accelerator.scaler = None        # written without fp16 (bf16 or fp32): the new scaler starts fresh
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator.scaler = scaler
     return state
 
 

@@ -10,6 +10,7 @@ step (data/stream.py). A resumed run therefore logs the same losses as an uninte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
 from dcgan_dist.train.evaluate import Evaluator
-from dcgan_dist.train.step import NO_STEP, Nets, Remedies, StepRunner, Totals, TrainStep, on_stream
+from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
 
 
 def preflight(cfg: Config) -> dict:
@@ -130,18 +131,17 @@ def train(cfg: Config) -> None:
 def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
-    if accelerator.is_main_process and (cfg.data.verify_remote or not is_remote(cfg.data.shards)):
-        verify_shards(cfg.data.shards, manifest)
+    if accelerator.is_main_process:
+        if cfg.data.verify_remote or not is_remote(cfg.data.shards):
+            verify_shards(cfg.data.shards, manifest)
         checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
     stream = dist.graph_stream(accelerator, graph)
     nets = build(accelerator, cfg, stream)
-    set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
-    resumed_from, trainer_state = checkpoint.resume(accelerator, cfg.run_dir)
+    global_batch = cfg.data.batch_size * world
+    resumed_from, trainer_state, progress = _resume(accelerator, cfg, global_batch)
     apply_optim_config(nets, cfg, graph)
-    trainer_state = trainer_state or {"step": 0, "wandb_run_id": _new_run_id()}
     start_step = trainer_state["step"]
 
-    global_batch = cfg.data.batch_size * world
     workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
     run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
                  "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
@@ -158,12 +158,12 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
                          cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
                          pin_memory=accelerator.device.type == "cuda")
-    runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream)
+    runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
     evaluator = Evaluator(accelerator, cfg) if metric_list(cfg.eval.metrics) else None
     run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator}
     clean = False
     try:
-        _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, global_batch)
+        _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, progress)
         clean = True
         if accelerator.is_main_process:
             tracker.report(write_report(Path(cfg.run_dir)))     # into the same W&B run, before it closes
@@ -176,16 +176,50 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
         dist.shutdown(accelerator, [nets], clean=clean)
 
 
+def _resume(accelerator: Accelerator, cfg: Config, global_batch: int) -> tuple[Optional[Path], dict, Progress]:
+    """Load the newest checkpoint, if any, and say what changed if its world size or precision differ.
+
+    A rank the checkpoint has no random state for (the job grew) draws its noise from a seed made of the
+    run's seed, its rank and the step: deterministic, and unlike any other rank's stream."""
+    rank = accelerator.process_index
+    set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
+    resumed_from, state = checkpoint.resume(accelerator, cfg.run_dir)
+    if state is None:
+        return None, {"step": 0, "wandb_run_id": _new_run_id()}, Progress(0, 0, global_batch)
+    step = state["step"]
+    if not (resumed_from / f"random_states_{rank}.pkl").is_file():
+        set_seed(_derived_seed(cfg.seed, rank, step))
+    old_batch = state.get("global_batch") or round(state.get("kimg", 0) * 1000 / max(step, 1)) or global_batch
+    images = state.get("images_seen", round(state.get("kimg", step * old_batch / 1000) * 1000))
+    old_world = state.get("world_size", accelerator.num_processes)
+    old_precision = state.get("mixed_precision", accelerator.mixed_precision)
+    if accelerator.is_main_process and (old_world, old_batch) != (accelerator.num_processes, global_batch):
+        ranks = lambda n: f"{n} rank{'s' if n != 1 else ''}"
+        print(f"note: resuming at step {step} ({images / 1000:g} kimg) on {ranks(accelerator.num_processes)} instead "
+              f"of {ranks(old_world)}: global batch {old_batch} -> {global_batch} ({cfg.data.batch_size} per rank); "
+              f"optim.lr stays {cfg.optim.lr:g}, as the config says (it is never scaled with the batch); kimg "
+              "carries on, but the data order and per-rank noise differ from an uninterrupted run",
+              file=sys.stderr, flush=True)
+    if accelerator.is_main_process and old_precision != accelerator.mixed_precision:
+        print(f"note: resuming at step {step} in {accelerator.mixed_precision} instead of {old_precision}: weights and "
+              "optimizer states are fp32 in both, so only the arithmetic of later steps changes",
+              file=sys.stderr, flush=True)
+    return resumed_from, state, Progress(step, images, global_batch)
+
+
+def _derived_seed(seed: int, rank: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"dcgan-dist/{seed}/{rank}/{step}".encode()).digest()[:4], "little")
+
+
 def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: dict, graph: bool,
-                stream: Optional["torch.cuda.Stream"]) -> StepRunner:
+                stream: Optional["torch.cuda.Stream"], progress: Progress) -> StepRunner:
     totals = Totals(accelerator.device, trainer_state["step"],
                     (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
     remedies = Remedies(diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
                         instance_noise=cfg.gan.instance_noise, instance_noise_kimg=cfg.gan.instance_noise_kimg)
     step = TrainStep(nets, totals, dist.autocast(accelerator), accelerator.scaler, guard,
-                     cfg.train.max_consecutive_skips, remedies, nets.ema,
-                     cfg.data.batch_size * accelerator.num_processes)
+                     cfg.train.max_consecutive_skips, remedies, nets.ema, progress)
     shape = (cfg.data.batch_size, 3, cfg.model.resolution, cfg.model.resolution)
     # DDP must see 11 eager iterations before a capture (CUDA semantics docs); one rank needs only a
     # few, for cuDNN autotuning and the lazily created optimizer and scaler state.
@@ -194,7 +228,7 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
                       warmup_steps=warmup, stream=stream)
 
 
-def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, trainer_state, global_batch):
+def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, trainer_state, progress: Progress):
     totals = runner.step.totals
     start = trainer_state["step"]
     # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
@@ -206,13 +240,14 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
     def save(done: int, best: bool = False) -> None:
         health = _check_health(accelerator, totals, interval, cfg)
         replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
-        trainer_state.update(step=done, kimg=done * global_batch / 1000, world_size=accelerator.num_processes,
-                             **_counters(accelerator, health, interval))
+        trainer_state.update(step=done, kimg=progress.kimg(done), images_seen=progress.images(done),
+                             world_size=accelerator.num_processes, global_batch=progress.global_batch,
+                             mixed_precision=accelerator.mixed_precision, **_counters(accelerator, health, interval))
         snapshot = {}
         if accelerator.is_main_process:
             snapshot[SNAPSHOT] = snapshot_bytes(
                 nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
-                kimg=done * global_batch / 1000, metrics=trainer_state.get("last_eval", {}),
+                kimg=progress.kimg(done), metrics=trainer_state.get("last_eval", {}),
                 shards=cfg.data.shards if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
         path = checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts,
                                best=best, extra_files=snapshot)
@@ -220,7 +255,6 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
             _publish_generator(RunLayout.of(cfg.run_dir), path, best)
 
     evaluator = run["evaluator"]
-    eval_every = _eval_every_steps(cfg, global_batch)
 
     if start >= cfg.train.steps:
         tracker.note(f"already at step {start} of train.steps={cfg.train.steps}; raise it to train longer")
@@ -241,12 +275,12 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         tracker.step()
         last = done == cfg.train.steps
         if done % cfg.train.log_every == 0 or last:
-            _log(accelerator, cfg, tracker, totals, interval, done, global_batch)
+            _log(accelerator, cfg, tracker, totals, interval, done, progress)
         if done % cfg.train.sample_every == 0 or last:
             _samples(tracker, nets, fixed_z, done)
-        if evaluator is not None and ((eval_every and done % eval_every == 0) or last):
+        if evaluator is not None and (_eval_due(cfg, progress, done) or last):
             started = time.time()
-            if _evaluate(evaluator, nets, tracker, trainer_state, done, global_batch):
+            if _evaluate(evaluator, nets, tracker, trainer_state, done, progress):
                 save(done, best=True)
             interval.t += time.time() - started          # images_per_s counts training time only
         if done % cfg.train.ckpt_every == 0 or last:
@@ -271,20 +305,20 @@ def _publish_generator(layout: RunLayout, saved: Path, best: bool) -> None:
                   f"'{saved / SNAPSHOT}' has the same weights", file=sys.stderr, flush=True)
 
 
-def _eval_every_steps(cfg: Config, global_batch: int) -> int:
-    """eval.every_kimg in steps (at least 1); 0 = at the end only."""
-    if cfg.eval.every_kimg is None or cfg.eval.every_kimg <= 0:
-        return 0
-    return max(1, round(cfg.eval.every_kimg * 1000 / global_batch))
+def _eval_due(cfg: Config, progress: Progress, done: int) -> bool:
+    """Whether step `done` carried the images seen past a multiple of eval.every_kimg (0: at the end only).
+    Counted in images, so the cadence holds when a resumed run has another global batch."""
+    every = round((cfg.eval.every_kimg or 0) * 1000, 6)
+    return every > 0 and progress.images(done) // every > progress.images(done - 1) // every
 
 
 def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state: dict, done: int,
-              global_batch: int) -> bool:
+              progress: Progress) -> bool:
     """Collective. Log the EMA generator's metrics; True if they are the best so far by eval.best_by
     (lower is better for all three), which trainer_state then records."""
     values = evaluator(nets.ema.module)
     trainer_state["last_eval"] = values
-    tracker.scalars(done, {"kimg": done * global_batch / 1000, **values}, section="eval")
+    tracker.scalars(done, {"kimg": progress.kimg(done), **values}, section="eval")
     key = evaluator.best_metric()
     best = trainer_state.get("best")
     if key not in values or (best and best["metric"] == key and best["value"] <= values[key]):
@@ -318,14 +352,14 @@ def _counters(accelerator: Accelerator, health: dict, interval: Interval) -> dic
     return {"skipped_d": health["skipped_d"], "skipped_g": health["skipped_g"], "data_errors": total}
 
 
-def _log(accelerator, cfg, tracker, totals: Totals, interval: Interval, done: int, global_batch: int) -> None:
+def _log(accelerator, cfg, tracker, totals: Totals, interval: Interval, done: int, progress: Progress) -> None:
     """The only host-device syncs between log intervals."""
     health = _check_health(accelerator, totals, interval, cfg)
     means = (accelerator.reduce(totals.stats, reduction="mean") / max(interval.n, 1)).tolist()
     now = time.time()
     values = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means))
-    values.update(kimg=done * global_batch / 1000,
-                  images_per_s=(done - interval.step) * global_batch / max(now - interval.t, 1e-9),
+    values.update(kimg=progress.kimg(done),
+                  images_per_s=(done - interval.step) * progress.global_batch / max(now - interval.t, 1e-9),
                   **_counters(accelerator, health, interval))
     tracker.scalars(done, values)
     totals.stats.zero_()

@@ -88,6 +88,23 @@ class Totals:
                 "first_bad": ints[2], "gave_up": ints[3]}
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Real images seen, all ranks together, after a given step. Carried, not derived: a run resumed on
+    another number of ranks adds its own global batch to what the checkpoint had seen, so kimg never
+    jumps across a restart (step x today's batch would)."""
+
+    start_step: int                  # the step the run (re)started at
+    start_images: int                # images seen by then, from the checkpoint
+    global_batch: int                # images per step from then on
+
+    def images(self, done: int) -> int:
+        return self.start_images + (done - self.start_step) * self.global_batch
+
+    def kimg(self, done: int) -> float:
+        return self.images(done) / 1000
+
+
 class TrainStep:
     """D step then G step on a uint8 batch already on the device, updating `totals`.
 
@@ -98,10 +115,10 @@ class TrainStep:
 
     def __init__(self, nets: Nets, totals: Totals, autocast: Callable[[], AbstractContextManager],
                  scaler: Optional[torch.amp.GradScaler], guard: bool, max_consecutive_skips: int,
-                 remedies: Remedies = Remedies(), ema: Optional[EMA] = None, global_batch: int = 1):
+                 remedies: Remedies = Remedies(), ema: Optional[EMA] = None, progress: Optional[Progress] = None):
         self.nets, self.totals, self.autocast = nets, totals, autocast
         self.scaler, self.guard, self.limit = scaler, guard, max_consecutive_skips
-        self.remedies, self.ema, self.global_batch = remedies, ema, global_batch
+        self.remedies, self.ema, self.progress = remedies, ema, progress or Progress(0, 0, 1)
         device = totals.stats.device
         self.one = torch.ones((), device=device)
         self.noise = torch.zeros((), device=device) if remedies.instance_noise > 0 else None
@@ -114,7 +131,7 @@ class TrainStep:
 
         DCGAN_FAULT_OVERFLOW=STEP[,STEP...]: the backward pass of those steps (1-based, as logged) sees
         an infinite loss, as an fp16 overflow would."""
-        images_seen = (step + 1) * self.global_batch
+        images_seen = self.progress.images(step + 1)
         if self.ema is not None:
             self.ema.set_images(images_seen)
         if self.noise is not None:
