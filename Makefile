@@ -33,8 +33,9 @@ demo: setup $(SHARDS)/manifest.json
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
 	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
 
-# What CI runs. `slow` marks the 20-run exit-code soak (benchmarks/repeat_runs.py, 3+ minutes): every
-# other launch in the suite already asserts exit 0.
+# What CI runs, in about 13 minutes on 2 cores. `slow` marks what repeats other tests at length: the
+# 20-run exit-code soak (every other launch asserts exit 0 too), two benchmark smoke runs, and a second
+# machine-kill case. `make test-all` runs them as well.
 test: setup
 	$(BIN)/python -m pytest -q -m 'not slow'
 

@@ -3,6 +3,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from conftest import run
 
 
@@ -19,6 +21,7 @@ def test_data_throughput_runs_both_pipelines(shards32, celeba_parent):
     assert result["http_images_per_s"] > 0 and "the same, from http://127.0.0.1:" in out.stdout
 
 
+@pytest.mark.slow          # gpu_check's CPU pass below runs the same script's legacy and eager rows
 def test_train_throughput_reports_flops_and_peak_fraction():
     out = run([sys.executable, "benchmarks/train_throughput.py", "--steps", "1", "--batch-size", "2"], timeout=300)
     result = last_json(out)
@@ -28,6 +31,7 @@ def test_train_throughput_reports_flops_and_peak_fraction():
     assert all(r["images_per_s"] > 0 and r["fraction_of_matmul_peak"] > 0 for r in result["results"])
 
 
+@pytest.mark.slow          # a benchmark of the demo job, not of the product's behaviour
 def test_demo_memory_measures_every_process(shards32):
     out = run([sys.executable, "benchmarks/demo_memory.py", "--steps", "3", "--shards", shards32,
                "model.resolution=32", "train.num_samples=4", "eval.num_images=32"], timeout=300)
