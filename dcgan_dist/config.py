@@ -34,6 +34,8 @@ class DataConfig:
         None, "Loader worker processes per rank; 0 = read in the training process. null = 0 on CPU (the "
               "loader costs under 1% of a step; a worker would take cores from it), 4 per GPU.", min=0)
     shuffle_buffer: int = _opt(2000, "Samples held per stream for shuffling; bounds loader memory.", min=1)
+    cache_dir: Optional[str] = _opt(None, "For a remote set: a local folder that keeps each shard once downloaded, so "
+                                          "later passes read local disk. null = download every pass.")
     verify_remote: bool = _opt(False, "Check a remote set's sha256s at start, as is always done for a folder: "
                                       "rank 0 then downloads the whole set once before training.")
 

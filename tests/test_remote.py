@@ -77,10 +77,10 @@ def test_server_down_at_start_is_one_line_and_non_zero(shards32, tmp_path):
     assert "tried 3 times" in errors[0]
 
 
-def test_resume_from_a_remote_set_is_exact(served, local_trace, tmp_path):
+def test_resume_from_a_remote_set_is_exact_with_a_local_cache(served, local_trace, tmp_path):
     _, url = served
     run_dir = tmp_path / "run"
-    args = fp32_args(url, run_dir, steps=12)
+    args = fp32_args(url, run_dir, steps=12, **{"data.cache_dir": tmp_path / "cache"})
     kill_at = random.Random(int(os.environ.get("DCGAN_TEST_SEED", time.time()))).randint(4, 10)
     proc = start(args)
     wait_for(lambda: last_step(run_dir) >= kill_at, proc, what=f"step {kill_at}")
@@ -88,6 +88,22 @@ def test_resume_from_a_remote_set_is_exact(served, local_trace, tmp_path):
     out = accelerate_launch(args, timeout=300)
     assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-3000:]
     assert_same_trace(metrics(run_dir), local_trace, f"remote resume after a kill at step {kill_at}")
+    cached = list((tmp_path / "cache").glob("set-*/*.tar"))
+    shas = {e["sha256"] for e in read_manifest(url)["shards"]}
+    assert cached and all(hashlib.sha256(p.read_bytes()).hexdigest() in shas for p in cached)
+
+
+def test_cache_serves_later_passes_without_downloading(served, tmp_path):
+    server, url = served
+    paths = shard_paths(url)
+    for _ in range(2):
+        got = [data for _, data in remote.fetch_ahead(paths, cache=tmp_path)]
+        assert all(isinstance(d, bytes) for d in got)
+    for name in ("train-000000.tar", "train-000003.tar"):
+        assert server.gets.count(f"/celeba32/{name}") >= 1
+    before = len(server.gets)
+    list(remote.fetch_ahead(paths, cache=tmp_path))
+    assert len(server.gets) == before                # the third pass read local disk only
 
 
 def test_eval_and_verification_read_the_remote_set(served, shards32):

@@ -9,6 +9,7 @@ gcloud), which read their usual credentials from the environment.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import shlex
@@ -18,9 +19,11 @@ import urllib.error
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 from dcgan_dist.errors import UserError
+from dcgan_dist.fsutil import atomic_write_bytes
 
 PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
 ATTEMPTS = int(os.environ.get("DCGAN_REMOTE_ATTEMPTS", "4"))     # tries per file; tests may lower it
@@ -133,15 +136,25 @@ def with_retries(action: Callable[[], bytes], what: str, on_retry: Optional[Call
     raise AssertionError("unreachable")
 
 
-def fetch_ahead(urls: list[str], on_retry: Optional[Callable[[str], None]] = None
+def fetch_ahead(urls: list[str], on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None
                 ) -> Iterator[tuple[str, Union[bytes, OSError]]]:
     """(url, its bytes or the error that stopped it), in order, with the next AHEAD files downloading
-    in threads while the caller reads the current one."""
+    in threads while the caller reads the current one. With `cache`, a folder on local disk, each file
+    is kept there once downloaded and read from there on later passes."""
     def get(url: str) -> Union[bytes, OSError]:
+        local = cache / (hashlib.sha1(url.encode()).hexdigest()[:24] + ".tar") if cache is not None else None
+        if local is not None and local.is_file():
+            return local.read_bytes()
         try:
-            return with_retries(lambda: fetch(url), url, on_retry)
+            data = with_retries(lambda: fetch(url), url, on_retry)
         except OSError as exc:
             return exc
+        if local is not None:
+            try:
+                atomic_write_bytes(local, data)
+            except OSError:
+                pass                      # a full or read-only cache only costs the next download
+        return data
 
     with ThreadPoolExecutor(AHEAD, thread_name_prefix="shard-fetch") as pool:
         pending = deque(pool.submit(get, u) for u in urls[:AHEAD])

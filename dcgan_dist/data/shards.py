@@ -256,3 +256,12 @@ def write_shards_anywhere(source: Source, output: str, *args, **kwargs) -> dict:
         manifest = write_shards(source, Path(local), *args, on_shard=upload, **kwargs)
         upload_file(Path(local) / MANIFEST, remote.member(output, MANIFEST))
     return manifest
+
+
+def cache_folder(cache_dir: Optional[str], manifest: dict) -> Optional[Path]:
+    """Where a remote set's shards are kept locally (data.cache_dir): one folder per manifest, so a set
+    sharded again under the same URL never reads a stale copy."""
+    if not cache_dir:
+        return None
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"set-{digest}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import signal
 import sys
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -52,15 +53,15 @@ def iter_tar(path: str, on_error: Callable[[str, Exception], None], data: Option
 
 
 def read_shards(paths: list[str], on_error: Callable[[str, Exception], None],
-                on_retry: Optional[Callable[[str], None]] = None) -> Iterator[dict]:
+                on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None) -> Iterator[dict]:
     """The samples of `paths` in order. Remote shards (data/remote.py) are downloaded whole, a few ahead,
-    by threads of this process (a loader worker, when there are workers); one that still fails after
-    its retries is reported to `on_error` and skipped."""
+    by threads of this process (a loader worker, when there are workers), and kept in `cache` if given;
+    one that still fails after its retries is reported to `on_error` and skipped."""
     if not paths or not remote.is_remote(paths[0]):
         for path in paths:
             yield from iter_tar(path, on_error)
         return
-    for url, data in remote.fetch_ahead(paths, on_retry):
+    for url, data in remote.fetch_ahead(paths, on_retry, cache):
         if isinstance(data, OSError):
             on_error(url, data)
         else:
@@ -110,8 +111,9 @@ class BatchStream(IterableDataset):
 
     def __init__(self, shards: list[str], batch_size: int, resolution: int, seed: int, rank: int,
                  world_size: int, num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0,
-                 chunk: int = 1):
+                 chunk: int = 1, cache: Optional[Path] = None):
         super().__init__()
+        self.cache = cache
         self.shards, self.batch_size, self.resolution = list(shards), batch_size, resolution
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_roles = max(1, num_workers)
@@ -151,7 +153,8 @@ class BatchStream(IterableDataset):
         on_retry = lambda what: print(f"warning: {what}", file=sys.stderr, flush=True)
         while True:
             read = 0
-            for sample in read_shards([shards[i] for i in rng.permutation(len(shards))], on_error, on_retry):
+            order = [shards[i] for i in rng.permutation(len(shards))]
+            for sample in read_shards(order, on_error, on_retry, self.cache):
                 block = self._block(sample, sample["__url__"])
                 if block is not None and len(block):
                     read += len(block)
@@ -209,10 +212,10 @@ class Batches:
 
 def make_loader(shards: list[str], batch_size: int, resolution: int, seed: int,
                 rank: int, world_size: int, num_workers: int, shuffle_buffer: int, start_step: int = 0,
-                pin_memory: bool = False) -> Loader:
+                pin_memory: bool = False, cache: Optional[Path] = None) -> Loader:
     chunk = max(1, CHUNK_IMAGES // batch_size) if num_workers else 1
     ds = BatchStream(shards, batch_size, resolution, seed, rank, world_size, num_workers, shuffle_buffer,
-                     start_step, chunk)
+                     start_step, chunk, cache)
     # Its own generator: creating the iterator draws a base seed, which must not come from (and shift)
     # the global torch RNG that the training noise uses, or a resumed run would draw different noise.
     loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 
 from dcgan_dist.config import Config, metric_list, save_config
 from dcgan_dist.data.remote import is_remote
-from dcgan_dist.data.shards import read_manifest, shard_paths, verify_shards
+from dcgan_dist.data.shards import cache_folder, read_manifest, shard_paths, verify_shards
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.augment import parse_policy
 from dcgan_dist.ema import EMA
@@ -157,7 +157,8 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
     loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
                          cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
-                         pin_memory=accelerator.device.type == "cuda")
+                         pin_memory=accelerator.device.type == "cuda",
+                         cache=cache_folder(cfg.data.cache_dir, manifest) if is_remote(cfg.data.shards) else None)
     runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
     evaluator = Evaluator(accelerator, cfg) if metric_list(cfg.eval.metrics) else None
     run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator}
