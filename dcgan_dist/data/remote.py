@@ -156,9 +156,12 @@ def fetch_ahead(urls: list[str], on_retry: Optional[Callable[[str], None]] = Non
                 pass                      # a full or read-only cache only costs the next download
         return data
 
-    with ThreadPoolExecutor(AHEAD, thread_name_prefix="shard-fetch") as pool:
+    pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="shard-fetch")
+    try:
         pending = deque(pool.submit(get, u) for u in urls[:AHEAD])
         for i, url in enumerate(urls):
             if i + AHEAD < len(urls):
                 pending.append(pool.submit(get, urls[i + AHEAD]))
             yield url, pending.popleft().result()
+    finally:                   # a reader that stops early (training ended) starts no further downloads
+        pool.shutdown(wait=False, cancel_futures=True)
