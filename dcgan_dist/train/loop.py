@@ -213,7 +213,10 @@ def _derived_seed(seed: int, rank: int, step: int) -> int:
 
 
 def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: dict, graph: bool,
-                stream: Optional["torch.cuda.Stream"], progress: Progress) -> StepRunner:
+                stream: Optional["torch.cuda.Stream"], progress: Optional[Progress] = None) -> StepRunner:
+    """The step, wrapped in its runner. `progress` defaults to a run that started at trainer_state's step
+    with nothing seen (the benchmarks' case)."""
+    progress = progress or Progress(trainer_state["step"], 0, cfg.data.batch_size * accelerator.num_processes)
     totals = Totals(accelerator.device, trainer_state["step"],
                     (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
