@@ -1,7 +1,8 @@
-"""Resume on another number of ranks, with real launches: 2 -> 3 -> 1 ranks, fp32 -> bf16 -> fp32.
+"""Resume on another number of ranks, with real launches: 2 -> 3 -> 1 ranks and 2 -> 1, fp32 -> bf16 -> fp32.
 kimg is carried (never step x today's batch), the EMA and the best checkpoint carry over, and the
 change is stated in one line. 2 -> 2 stays bit-exact: tests/test_faults.py."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,11 +46,23 @@ def rescaled(shards32, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rescale")
     outs = {"2": resume(shards32, run_dir, 2, 8, "no")}
     first_best = state(run_dir, 8)["best"]
+    shrunk = run_dir.with_name(run_dir.name + "-shrunk")           # the same checkpoint, resumed on 1 rank
+    shutil.copytree(run_dir, shrunk, ignore=shutil.ignore_patterns("wandb", "LOCK"))
+    outs["2to1"] = resume(shards32, shrunk, 1, 10, "no")
     # One step on 3 ranks with lr 0: G stays as saved, so the EMA after it is known exactly.
     outs["3"] = resume(shards32, run_dir, 3, 9, "bf16", **{"optim.lr": 0})
     outs["3b"] = resume(shards32, run_dir, 3, 11, "bf16")
     outs["1"] = resume(shards32, run_dir, 1, 13, "no")
     return run_dir, outs, first_best
+
+
+def test_two_ranks_to_one_carries_kimg_and_the_best(rescaled):
+    run_dir, outs, first_best = rescaled
+    shrunk = run_dir.with_name(run_dir.name + "-shrunk")
+    rows = {r["step"]: r["kimg"] for r in metrics(shrunk) if "loss_d" in r}
+    assert rows[8] == pytest.approx(0.128) and rows[9] == pytest.approx(0.136) and rows[10] == pytest.approx(0.144)
+    assert "on 1 rank instead of 2 ranks: global batch 16 -> 8" in outs["2to1"].stderr
+    assert state(shrunk, 10)["best"]["value"] <= first_best["value"]
 
 
 def test_kimg_is_carried_across_2_3_and_1_ranks(rescaled):
