@@ -106,11 +106,16 @@ def test_cache_serves_later_passes_without_downloading(served, tmp_path):
     assert len(server.gets) == before                # the third pass read local disk only
 
 
-def test_eval_and_verification_read_the_remote_set(served, shards32):
-    _, url = served
+def test_eval_and_verification_read_the_remote_set(served, shards32, tmp_path):
+    server, url = served
     from dcgan_dist.data.shards import verify_shards
 
     assert verify_shards(url, read_manifest(url)) == []
+    assert verify_shards(url, read_manifest(url), cache=tmp_path) == []      # the check fills the cache...
+    paths = shard_paths(url)
+    before = len(server.gets)
+    list(remote.fetch_ahead(paths, cache=tmp_path))
+    assert len(server.gets) == before                    # ...so the loader downloads nothing again
     local = [b.tobytes() for b, _ in ordered_blocks(shard_paths(shards32))]
     assert [b.tobytes() for b, _ in ordered_blocks(shard_paths(url))] == local
 

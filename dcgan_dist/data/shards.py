@@ -18,6 +18,7 @@ manifest comes last, so its presence means the set is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -107,19 +108,13 @@ def write_shards(source: Source, output: Path, resolution: int, split: str, shar
              for i, chunk in enumerate(chunks)]
     entries = []
     bar = tqdm(total=len(items), desc=f"sharding {split}", unit="img", disable=not progress)
-    if workers > 1 and len(tasks) > 1:
-        with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            for entry in pool.imap_unordered(_write_shard, tasks):
-                entries.append(entry)
-                bar.update(entry["count"] + len(entry["skipped"]))
-                if on_shard is not None:
-                    on_shard(output / entry["name"])
-    else:
-        for task in tasks:
-            entries.append(_write_shard(task))
-            bar.update(entries[-1]["count"] + len(entries[-1]["skipped"]))
+    parallel = workers > 1 and len(tasks) > 1
+    with get_context("spawn").Pool(min(workers, len(tasks))) if parallel else contextlib.nullcontext() as pool:
+        for entry in pool.imap_unordered(_write_shard, tasks) if parallel else map(_write_shard, tasks):
+            entries.append(entry)
+            bar.update(entry["count"] + len(entry["skipped"]))
             if on_shard is not None:
-                on_shard(output / entries[-1]["name"])
+                on_shard(output / entry["name"])
     bar.close()
     entries.sort(key=lambda e: e["name"])
     fsync_dir(output)
@@ -205,15 +200,16 @@ def shard_paths(shards: Union[str, Path], manifest: Optional[dict] = None) -> li
     return [str(Path(shards) / e["name"]) for e in manifest["shards"]]
 
 
-def verify_shards(shards: Union[str, Path], manifest: dict) -> list[str]:
+def verify_shards(shards: Union[str, Path], manifest: dict, cache: Optional[Path] = None) -> list[str]:
     """Check every shard's sha256 against the manifest; warn for each mismatch and return their names.
 
     Training goes on: the loader skips what it cannot read and counts it (`data_errors` in the metrics).
-    A remote set is downloaded once for this, in order, a few shards ahead.
+    A remote set is downloaded once for this, in order, a few shards ahead, into `cache` if given, where
+    the loader then finds it.
     """
     bad = []
     paths = shard_paths(shards, manifest)
-    contents = remote.fetch_ahead(paths) if remote.is_remote(shards) else ((p, None) for p in paths)
+    contents = remote.fetch_ahead(paths, cache=cache) if remote.is_remote(shards) else ((p, None) for p in paths)
     for entry, (path, data) in zip(manifest["shards"], contents):
         digest = hashlib.sha256()
         if data is None:

@@ -131,9 +131,11 @@ def train(cfg: Config) -> None:
 def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
+    remote_set = is_remote(cfg.data.shards)
+    cache = cache_folder(cfg.data.cache_dir, manifest) if remote_set else None
     if accelerator.is_main_process:
-        if cfg.data.verify_remote or not is_remote(cfg.data.shards):
-            verify_shards(cfg.data.shards, manifest)
+        if cfg.data.verify_remote or not remote_set:
+            verify_shards(cfg.data.shards, manifest, cache)
         checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
     stream = dist.graph_stream(accelerator, graph)
     nets = build(accelerator, cfg, stream)
@@ -158,7 +160,7 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
                          cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
                          pin_memory=accelerator.device.type == "cuda",
-                         cache=cache_folder(cfg.data.cache_dir, manifest) if is_remote(cfg.data.shards) else None)
+                         cache=cache)
     runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
     evaluator = Evaluator(accelerator, cfg) if metric_list(cfg.eval.metrics) else None
     run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator}
