@@ -49,14 +49,21 @@ def kid(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = 100, subset_s
     real, fake = real.double(), fake.double()
     n = min(len(real), len(fake), subset_size)
     d = real.shape[1]
+
+    def mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = lambda k: (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+        return float(off(kxx) + off(kyy) - 2 * kxy.mean())
+
+    if n == len(real) == len(fake):
+        # Every "subset" is then the whole of both sets, reordered, and MMD^2 does not depend on the
+        # order: one evaluation is the average. Training evals (eval.num_images <= 1000) are this case.
+        return mmd(real, fake)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(num_subsets):
-        x = real[torch.randperm(len(real), generator=gen)[:n]]
-        y = fake[torch.randperm(len(fake), generator=gen)[:n]]
-        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        off = lambda k: (k.sum() - k.diagonal().sum()) / (n * (n - 1))
-        total += float(off(kxx) + off(kyy) - 2 * kxy.mean())
+        total += mmd(real[torch.randperm(len(real), generator=gen)[:n]],
+                     fake[torch.randperm(len(fake), generator=gen)[:n]])
     return total / num_subsets
 
 
@@ -195,10 +202,26 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
 
 
+def fid_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets. With fewer images than feature dimensions the covariances have low
+    rank: write S1 = A^T A and S2 = B^T B with A, B the centred features over sqrt(n - 1). The non-zero
+    eigenvalues of S1 S2 are those of (A B^T)(A B^T)^T, so tr((S1 S2)^1/2) is the sum of the singular
+    values of the n1 x n2 matrix A B^T. The same number, exactly, without two 2048^3 eigensolves: 4 s
+    per eval on one core at 256 images, paid on every rank, becomes milliseconds."""
+    d = real.shape[1]
+    if len(real) * len(fake) >= d * d:
+        return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+    real, fake = real.double(), fake.double()
+    mu_r, mu_f = real.mean(dim=0), fake.mean(dim=0)
+    a = (real - mu_r) / max(len(real) - 1, 1) ** 0.5
+    b = (fake - mu_f) / max(len(fake) - 1, 1) ** 0.5
+    trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    diff = mu_r - mu_f
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
+
+
 def fid_kid(inception_real: torch.Tensor, inception_fake: torch.Tensor) -> dict[str, float]:
-    mu_r, sig_r = gaussian_stats(inception_real)
-    mu_f, sig_f = gaussian_stats(inception_fake)
-    return {"fid": frechet_distance(mu_r, sig_r, mu_f, sig_f),
+    return {"fid": fid_of_features(inception_real, inception_fake),
             "kid": kid(inception_real, inception_fake, subset_size=min(1000, len(inception_real)))}
 
 

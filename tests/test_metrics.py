@@ -39,6 +39,36 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_the_shift(
     assert dists == pytest.approx([32 * d * d for d in (0.1, 0.5, 1.0)], rel=1e-6)   # |shift|^2 exactly
 
 
+@pytest.mark.parametrize("n", [3, 40, 200])
+def test_fid_from_features_below_the_dimension_equals_the_covariance_formula(n):
+    """Eval sets smaller than the feature size take the low-rank path; it must give the d x d answer."""
+    a, b = gaussian_features(n, 256, seed=1).relu(), gaussian_features(n + 7, 256, 0.2, 1.3, seed=2).relu()
+    ours = metrics.fid_of_features(a, b)
+    ref = metrics.frechet_distance(*metrics.gaussian_stats(a), *metrics.gaussian_stats(b))
+    assert ours == pytest.approx(ref, rel=1e-7)
+    assert metrics.fid_of_features(a, a) == pytest.approx(0.0, abs=1e-6 * ref)
+
+
+def numpy_kid(x, y, orders):
+    """Unbiased MMD^2, cubic kernel, averaged over the given reorderings of both sets."""
+    x, y = x.numpy().astype(np.float64), y.numpy().astype(np.float64)
+    d, n, vals = x.shape[1], len(x), []
+    for px, py in orders:
+        k = lambda u, v: (u @ v.T / d + 1) ** 3
+        kxx, kyy, kxy = k(x[px], x[px]), k(y[py], y[py]), k(x[px], y[py])
+        vals.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
+    return float(np.mean(vals))
+
+
+def test_kid_on_whole_sets_equals_the_subset_average():
+    a, b = gaussian_features(60, 32, seed=1), gaussian_features(60, 32, shift=0.3, seed=2)
+    rng = np.random.default_rng(0)
+    orders = [(rng.permutation(60), rng.permutation(60)) for _ in range(5)]
+    assert metrics.kid(a, b, subset_size=1000) == pytest.approx(numpy_kid(a, b, orders), rel=1e-9)
+    subsets = metrics.kid(a, b, subset_size=50, num_subsets=200)           # the sampled path, as a check
+    assert subsets == pytest.approx(numpy_kid(a, b, orders), rel=0.1)
+
+
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     a = gaussian_features(400, 32, seed=1)
     near = metrics.kid(a, gaussian_features(400, 32, seed=3), subset_size=200, num_subsets=20)
