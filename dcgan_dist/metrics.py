@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -182,9 +183,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int = 512, 
         k = min(chunk, directions - start)
         dirs = torch.randn(a.shape[1], k, generator=gen)
         dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        pa, _ = (a @ dirs).sort(dim=0)
-        pb, _ = (b @ dirs).sort(dim=0)
-        total += float((pa - pb).abs().mean(dim=0).sum())
+        # One row per direction, sorted along the row by numpy: torch's CPU sort also makes the indices,
+        # and sorting down columns is slower still; this was 3x the cost of everything else in SWD.
+        pa, pb = (np.sort((dirs.T @ x.T).numpy(), axis=1) for x in (a, b))
+        total += float(np.abs(pa - pb).mean(axis=1, dtype=np.float64).sum())
     return total / directions
 
 
