@@ -21,6 +21,13 @@ def test_data_throughput_runs_both_pipelines(shards32, celeba_parent):
     assert result["http_images_per_s"] > 0 and "the same, from http://127.0.0.1:" in out.stdout
 
 
+def test_eval_cost_times_each_part_and_both_fid_paths_agree():
+    out = run([sys.executable, "benchmarks/eval_cost.py", "--images", "8,40", "--repeats", "1"], timeout=120)
+    result = last_json(out)
+    assert [r["images"] for r in result["rows"]] == [8, 40]
+    assert all(r["fid_relative_difference"] < 1e-6 and r["fid_s"] > 0 and r["swd_s"] > 0 for r in result["rows"])
+
+
 @pytest.mark.slow          # gpu_check's CPU pass below runs the same script's legacy and eager rows
 def test_train_throughput_reports_flops_and_peak_fraction():
     out = run([sys.executable, "benchmarks/train_throughput.py", "--steps", "1", "--batch-size", "2"], timeout=300)
