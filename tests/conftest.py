@@ -54,9 +54,10 @@ def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kw) -> 
 def launch_cmd(args: list, num_processes: int = 2) -> list[str]:
     """The real launcher, as a user types it (torchrun underneath, gloo on CPU). Under pytest-xdist each
     worker gets its own rendezvous port: two launches both finding 29500 free and both binding it is a
-    race that Accelerate's busy-port fallback does not cover."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    port = ["--main_process_port", str(29500 + 100 * int(worker[2:]))] if worker.startswith("gw") else []
+    race that Accelerate's busy-port fallback does not cover. 29500 itself is left to the launches that
+    take the default (the benchmark scripts run by slow tests)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")                                  # gw0, gw1, ...
+    port = ["--main_process_port", str(29600 + 100 * int(worker[2:]))] if worker.startswith("gw") else []
     return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
             "--num_processes", str(num_processes), *port, *map(str, args)]
 
