@@ -71,6 +71,13 @@ class Holder:
         return cls(host=socket.gethostname(), pid=pid, pid_ns=_pid_namespace(), start_ticks=_start_ticks(pid) or -1,
                     job=_job_id(), since=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
+    @classmethod
+    def parse(cls, text: str) -> "Holder":
+        """A lock file's holder; fields this version does not know are ignored. ValueError, TypeError or
+        KeyError if the text is not a complete lock."""
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
     def describe(self) -> str:
         job = f", {self.job}" if self.job else ""
         return f"host {self.host}, pid {self.pid}{job}, since {self.since or 'unknown'}"
@@ -144,8 +151,7 @@ class RunLock:
         """(holder, seconds since its last heartbeat), or None if there is no complete lock file."""
         try:
             age = time.time() - self.path.stat().st_mtime
-            data = json.loads(self.path.read_text())
-            return Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data}), age
+            return Holder.parse(self.path.read_text()), age
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError):
@@ -161,8 +167,8 @@ class RunLock:
         except FileNotFoundError:
             return
         try:
-            moved = Holder(**json.loads(aside.read_text()))
-        except (OSError, ValueError, TypeError):
+            moved = Holder.parse(aside.read_text())
+        except (OSError, ValueError, TypeError, KeyError):
             moved = holder
         if moved != holder and not self.path.exists():      # someone else took it over meanwhile
             os.replace(aside, self.path)
