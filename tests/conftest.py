@@ -15,6 +15,26 @@ from dcgan_dist.data.synthetic import write_celeba
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+ALL_CORES = sorted(os.sched_getaffinity(0))        # before pytest_configure gives this worker its share
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker gets its own share of the cores, and every job it starts inherits it, so
+    the product's own default (cores / ranks) gives each rank the threads it can really run. Unpinned,
+    two workers' jobs each start 2 threads on 2 cores, and OpenMP's threads then wait on one another:
+    two 300-step trainings side by side took 8 min 40 s each, against 35 s pinned."""
+    import torch
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and 1 < count <= len(ALL_CORES):
+        mine = ALL_CORES[int(worker[2:]) % count::count]
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(len(mine))
+
+
+def on_all_cores() -> None:
+    """preexec_fn for a job that must see every core, whatever this worker's share."""
+    os.sched_setaffinity(0, ALL_CORES)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import accelerate_launch, run
+from conftest import ALL_CORES, accelerate_launch, on_all_cores, run
 from conftest import read_metrics as metrics
 from wandb_file import config as wandb_config
 from wandb_file import history, run_ids
@@ -143,10 +143,10 @@ def test_bad_run_inputs_fail_fast_with_one_line(shards32, tmp_path, override, ne
 
 def test_one_cpu_rank_uses_every_core_under_plain_accelerate_launch(shards32, tmp_path):
     """`accelerate launch` without --cpu exports OMP_NUM_THREADS=1 (PITFALLS 3b); the rank must not keep it."""
-    out = accelerate_launch([*tiny(shards32, tmp_path / "run", steps=2), "wandb.mode=disabled"], num_processes=1,
-                            timeout=300)
+    out = accelerate_launch([*tiny(shards32, tmp_path / "run", steps=2), "wandb.mode=disabled", "eval.metrics="],
+                            num_processes=1, timeout=300, preexec_fn=on_all_cores)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"threads={len(os.sched_getaffinity(0))} " in out.stdout, out.stdout
+    assert f"threads={len(ALL_CORES)} " in out.stdout, out.stdout
 
 
 def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, shards32):
