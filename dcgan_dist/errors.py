@@ -26,20 +26,55 @@ class PeerLost(RunStopped):
     every_node = True
 
 
+MARKER_PREFIX = "dcgan-dist-stopped-"
+
+
 def _first_on_this_machine() -> bool:
     """True for the first rank of this machine to ask, per launch. The launcher kills the other ranks
     as soon as one exits, so waiting for local rank 0 to speak could lose the line; the ranks of one
-    launcher share its PID, so an exclusively created file named after it picks one of them."""
+    launcher share its PID, so an exclusively created file named after it picks one of them. The name
+    carries the launcher's start time too: a PID comes back, and a stale file must not silence a later job."""
     import tempfile
 
-    marker = os.path.join(tempfile.gettempdir(), f"dcgan-dist-stopped-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}")
+    launcher = os.getppid()
+    marker = os.path.join(tempfile.gettempdir(),
+                          f"{MARKER_PREFIX}{launcher}-{_start_time(launcher)}-{os.environ.get('MASTER_PORT', '')}")
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        return True
     except FileExistsError:
         return False
     except OSError:
         return os.environ.get("LOCAL_RANK", "0") == "0"
+    _sweep_markers(os.path.dirname(marker))
+    return True
+
+
+def _start_time(pid: int) -> str:
+    """The process's start, in clock ticks since boot (Linux); empty where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _sweep_markers(folder: str) -> None:
+    """Remove the markers of launchers that are gone, so failed jobs do not pile files up in /tmp."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(MARKER_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(MARKER_PREFIX):].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        except (ValueError, OSError):        # not ours to judge (malformed), or alive under another user
+            pass
 
 
 def main_guard(fn):

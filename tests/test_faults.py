@@ -198,6 +198,28 @@ def test_kill9_of_one_rank_fails_the_job_fast(shards32, tmp_path):
     assert not alive, f"left running after the job failed: {[p.cmdline()[:3] for p in alive]}"
 
 
+def test_said_once_per_machine_through_a_marker_that_a_reused_pid_cannot_fake(tmp_path, monkeypatch):
+    """A dead peer is reported once per machine: the first rank to exclusively create its launcher's
+    marker speaks. A marker from an earlier process that had the same PID must not silence it, and
+    the markers of launchers that are gone are swept, not left in /tmp."""
+    import tempfile
+
+    from dcgan_dist import errors
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{errors.MARKER_PREFIX}{gone.pid}-1-29555"
+    earlier = tmp_path / f"{errors.MARKER_PREFIX}{os.getppid()}-1-29555"      # this launcher's PID, not its start
+    stale.touch()
+    earlier.touch()
+    assert errors._first_on_this_machine()           # the first rank to ask speaks
+    assert not errors._first_on_this_machine()       # the next one of the same launcher stays quiet
+    assert not stale.exists() and earlier.exists()   # its launcher is gone / this PID is alive
+    assert len(list(tmp_path.glob(errors.MARKER_PREFIX + "*"))) == 2
+
+
 def test_kill9_of_the_launcher_stops_the_ranks_with_a_checkpoint(shards32, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(fp32_args(shards32, run_dir, steps=100000, **{"train.ckpt_every": 100000}))
