@@ -102,8 +102,9 @@ class TrainConfig:
         None, "Replay the whole step (D step + G step, optimizers included) as one CUDA graph. null = on "
               "wherever it can be (CUDA, one rank or NCCL), off on CPU; true where it cannot be is an error.")
     cpu_threads_per_rank: Optional[int] = _opt(
-        None, "Torch threads per CPU rank. null = this node's cores / its ranks (`accelerate launch` "
-              "would leave each rank 1 thread). Ignored on GPUs.", min=1)
+        None, "Torch threads per CPU rank. null = this node's usable cores (affinity, capped by a "
+              "container's CPU quota) / its ranks (`accelerate launch` would leave each rank 1 thread). "
+              "Ignored on GPUs.", min=1)
     deterministic: bool = _opt(False, "Deterministic cuDNN/cuBLAS kernels, no autotuning: slower; for "
                                       "exact-resume checks on a GPU.")
     ema_halflife_kimg: float = _opt(

@@ -9,11 +9,11 @@ temporary folder and uploaded one by one as they are done, the manifest last: a 
 manifest is incomplete, as on disk.
 """
 import argparse
-import os
 
 from dcgan_dist.data.celeba import SPLITS, open_source
 from dcgan_dist.data.shards import IMAGES_PER_BLOCK, write_shards_anywhere
 from dcgan_dist.errors import UserError, main_guard
+from dcgan_dist.host import usable_cores
 
 
 @main_guard
@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--images-per-block", type=int, default=IMAGES_PER_BLOCK,
                    help=f"images per .npy tar member (default {IMAGES_PER_BLOCK}); the loader reads a block at a time")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoder processes")
+    p.add_argument("--workers", type=int, default=usable_cores(),
+                   help="parallel encoder processes (default: the cores this process may use)")
     p.add_argument("--max-skip-fraction", type=float, default=0.01,
                    help="fail if more than this fraction of images is unreadable (default 0.01)")
     args = p.parse_args()

@@ -21,6 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.errors import PeerLost, RunStopped, UserError
+from dcgan_dist.host import usable_cores
 from dcgan_dist.sample import native_bf16
 
 
@@ -41,7 +42,7 @@ def loader_workers(config_value: Optional[int], device: torch.device, ranks: Opt
     if device.type != "cuda":
         return 0
     ranks = ranks_on_node() if ranks is None else ranks
-    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks) - 1))
+    return max(1, min(4, usable_cores() // max(1, ranks) - 1))
 
 
 def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optional[str]) -> str:
@@ -74,13 +75,12 @@ def process_group_backend() -> Optional[str]:
 
 
 def cpu_threads(config_value: Optional[int]) -> int:
-    """`train.cpu_threads_per_rank`, or this node's cores shared out among its ranks. Not the
-    OMP_NUM_THREADS that `accelerate launch` exports: it sets 1 unless told otherwise (PITFALLS 3b), and
-    a rank cannot tell that default from a user's choice."""
+    """`train.cpu_threads_per_rank`, or this node's usable cores (affinity, capped by a container's
+    CPU quota) shared out among its ranks. Not the OMP_NUM_THREADS that `accelerate launch` exports: it
+    sets 1 unless told otherwise (PITFALLS 3b), and a rank cannot tell that default from a user's choice."""
     if config_value is not None:
         return config_value
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, ranks_on_node()))
+    return max(1, usable_cores() // max(1, ranks_on_node()))
 
 
 def _tune_kernels(deterministic: bool) -> None:
