@@ -33,12 +33,12 @@ demo: setup $(SHARDS)/manifest.json
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
 	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
 
-# What CI runs, in about 10 minutes (585 and 636 s in two fresh clones) on 2 cores, install included. `slow` marks what repeats other tests
-# at length: the 20-run exit-code soak (every other launch asserts exit 0 too), two benchmark smoke runs,
-# and a second machine-kill case. `make test-all` runs them as well. Two pytest workers even on 2 cores:
-# a launch spends much of its time starting processes and waiting on them, so two overlap (648 -> 527 s).
-# Each worker holds its own core (tests/conftest.py); unpinned, two jobs' OpenMP threads wait on one another
-# (589 -> 503 s, same venv, same day).
+# What CI runs, in about 10 minutes on 2 cores, install included (585 and 636 s in two fresh clones).
+# `slow` marks what repeats other tests at length: the 20-run exit-code soak (every other launch asserts
+# exit 0 too), two benchmark smoke runs, and a second machine-kill case. `make test-all` runs them as well.
+# Two pytest workers even on 2 cores: a launch spends much of its time starting processes and waiting
+# on them, so two overlap (648 -> 527 s). Each worker holds its own core (tests/conftest.py); unpinned,
+# two jobs' OpenMP threads wait on one another (589 -> 503 s, same venv, same day).
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS)
