@@ -5,6 +5,8 @@ import functools
 import os
 import sys
 
+from dcgan_dist.host import process_start_ticks
+
 
 class UserError(Exception):
     """A problem with the user's input (files, config, flags). The message names what and expects what."""
@@ -37,8 +39,8 @@ def _first_on_this_machine() -> bool:
     import tempfile
 
     launcher = os.getppid()
-    marker = os.path.join(tempfile.gettempdir(),
-                          f"{MARKER_PREFIX}{launcher}-{_start_time(launcher)}-{os.environ.get('MASTER_PORT', '')}")
+    name = f"{MARKER_PREFIX}{launcher}-{process_start_ticks(launcher)}-{os.environ.get('MASTER_PORT', '')}"
+    marker = os.path.join(tempfile.gettempdir(), name)
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
@@ -47,15 +49,6 @@ def _first_on_this_machine() -> bool:
         return os.environ.get("LOCAL_RANK", "0") == "0"
     _sweep_markers(os.path.dirname(marker))
     return True
-
-
-def _start_time(pid: int) -> str:
-    """The process's start, in clock ticks since boot (Linux); empty where /proc cannot tell."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
 
 
 def _sweep_markers(folder: str) -> None:

@@ -1,4 +1,5 @@
-"""How many cores this process may really use: its CPU affinity, capped by its cgroup's CPU quota.
+"""What this host says about its processes: when one started, and how many cores this one may really
+use (its CPU affinity, capped by its cgroup's CPU quota).
 
 Affinity alone misleads in containers: a pod with `limits.cpu: 4` (or `docker run --cpus 4`) on a
 64-core node sees 64 cores, and 64 threads throttled to 4 CPUs' worth of time run far slower than 4.
@@ -9,6 +10,18 @@ import math
 import os
 from pathlib import Path
 from typing import Callable, Optional
+
+
+def process_start_ticks(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (Linux); None if there is no such process, -1
+    if /proc cannot tell. Two different processes that reuse one PID never share it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from dcgan_dist.errors import UserError
+from dcgan_dist.host import process_start_ticks
 
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 90.0        # six missed heartbeats; generous for clock skew between NFS clients
@@ -35,18 +36,6 @@ def _pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-
-
-def _start_ticks(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (Linux); None if there is no such process.
-    Two different processes that reuse one PID never share it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return -1
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _job_id() -> str:
@@ -68,8 +57,9 @@ class Holder:
     @classmethod
     def me(cls) -> "Holder":
         pid = os.getpid()
-        return cls(host=socket.gethostname(), pid=pid, pid_ns=_pid_namespace(), start_ticks=_start_ticks(pid) or -1,
-                    job=_job_id(), since=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        return cls(host=socket.gethostname(), pid=pid, pid_ns=_pid_namespace(),
+                   start_ticks=process_start_ticks(pid) or -1, job=_job_id(),
+                   since=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
     @classmethod
     def parse(cls, text: str) -> "Holder":
@@ -87,7 +77,7 @@ def stale_reason(holder: Holder, heartbeat_age_s: float, me: Optional[Holder] = 
     """Why the lock `holder` left is stale, or None if its job may still be running."""
     me = me or Holder.me()
     if holder.host == me.host and holder.pid_ns == me.pid_ns:
-        ticks = _start_ticks(holder.pid)
+        ticks = process_start_ticks(holder.pid)
         if ticks is None:
             return f"its process {holder.pid} is gone"
         if -1 not in (ticks, holder.start_ticks) and ticks != holder.start_ticks:

@@ -10,6 +10,7 @@ import pytest
 
 from dcgan_dist import runlock
 from dcgan_dist.errors import UserError
+from dcgan_dist.host import process_start_ticks
 from dcgan_dist.runlock import Holder, RunLock
 
 
@@ -33,7 +34,7 @@ def test_a_live_process_on_this_host_holds_it(tmp_path):
     try:
         me = Holder.me()
         write_lock(tmp_path / "LOCK", Holder(host=me.host, pid=other.pid, pid_ns=me.pid_ns,
-                                             start_ticks=runlock._start_ticks(other.pid), since="then"),
+                                             start_ticks=process_start_ticks(other.pid), since="then"),
                    age_s=3600)                 # an old heartbeat does not matter: the process is alive
         with pytest.raises(UserError) as err:
             RunLock(tmp_path / "LOCK", "runs/x").acquire()
