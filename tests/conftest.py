@@ -18,6 +18,12 @@ BIN = Path(sys.executable).parent
 ALL_CORES = sorted(os.sched_getaffinity(0))        # before pytest_configure gives this worker its share
 
 
+def xdist_worker() -> int | None:
+    """This pytest-xdist worker's index (gw0 -> 0), or None outside xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") else None
+
+
 def pytest_configure(config):
     """Each pytest-xdist worker gets its own share of the cores, and every job it starts inherits it, so
     the product's own default (cores / ranks) gives each rank the threads it can really run. Unpinned,
@@ -25,9 +31,9 @@ def pytest_configure(config):
     two 300-step trainings side by side took 8 min 40 s each, against 35 s pinned."""
     import torch
 
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker.startswith("gw") and 1 < count <= len(ALL_CORES):
-        mine = ALL_CORES[int(worker[2:]) % count::count]
+    worker, count = xdist_worker(), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is not None and 1 < count <= len(ALL_CORES):
+        mine = ALL_CORES[worker % count::count]
         os.sched_setaffinity(0, mine)
         torch.set_num_threads(len(mine))
 
@@ -76,8 +82,8 @@ def launch_cmd(args: list, num_processes: int = 2) -> list[str]:
     worker gets its own rendezvous port: two launches both finding 29500 free and both binding it is a
     race that Accelerate's busy-port fallback does not cover. 29500 itself is left to the launches that
     take the default (the benchmark scripts run by slow tests)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")                                  # gw0, gw1, ...
-    port = ["--main_process_port", str(29600 + 100 * int(worker[2:]))] if worker.startswith("gw") else []
+    worker = xdist_worker()
+    port = [] if worker is None else ["--main_process_port", str(29600 + 100 * worker)]
     return [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
             "--num_processes", str(num_processes), *port, *map(str, args)]
 
