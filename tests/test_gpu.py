@@ -13,7 +13,7 @@ import torch
 from conftest import accelerate_launch, read_metrics, run
 from test_faults import kill_group, last_step, start, wait_for
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,30 @@ def args(shards, run_dir, steps=20, **over):
             "data.shuffle_buffer": 64, "train.steps": steps, "train.log_every": 1, "train.sample_every": 10,
             "train.ckpt_every": 5, "train.keep_ckpts": 2, "train.num_samples": 16, "wandb.mode": "offline",
             "eval.num_images": 64, "eval.every_kimg": None, **over}
-    return ["launch/train.py", "--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in keys.items()]]
+    return ["launch/train.py", "--config", "configs/demo.yaml", *[f"{k}={cli(v)}" for k, v in keys.items()]]
+
+
+def cli(value):
+    """A Python value as the YAML an override is parsed as: str(None) is 'None', a string, not null."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_the_gpu_tests_arguments_parse_as_the_config_they_mean(tmp_path):
+    # These tests only run on a GPU machine, so an argument the config rejects costs GPU time to find;
+    # this one runs everywhere.
+    from dcgan_dist.config import load_config
+
+    over = {"train.cuda_graph": False, "train.deterministic": True, "train.mixed_precision": "bf16",
+            "wandb.mode": "disabled", "train.ckpt_every": 4, "data.num_workers": 2}
+    argv = args(tmp_path / "shards", tmp_path / "run", steps=24, **over)
+    cfg = load_config(argv[2], argv[3:])
+    assert cfg.eval.every_kimg is None and cfg.train.cuda_graph is False and cfg.train.deterministic is True
+    assert (cfg.train.steps, cfg.train.ckpt_every, cfg.data.num_workers, cfg.model.ngf) == (24, 4, 2, 32)
+
+
+def train_rows(run_dir):
+    """metrics.jsonl's training rows: a run also writes an eval row at its end, which has no losses."""
+    return [r for r in read_metrics(run_dir) if "loss_d" in r]
 
 
 def one_gpu(precision, *rest):
@@ -46,12 +69,13 @@ def assert_close_traces(a, b, rel, note):
             assert math.isclose(x[key], y[key], rel_tol=rel, abs_tol=rel), f"{note}: step {x['step']} {key} {x[key]} vs {y[key]}"
 
 
+@gpu
 def test_bf16_run_uses_the_graph_checkpoints_logs_and_resumes(shards64, tmp_path):
     run_dir = tmp_path / "run"
     out = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir)), num_processes=1, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "device=cuda:0" in out.stdout and "cuda_graph=True" in out.stdout and "mixed_precision=bf16" in out.stdout
-    rows = read_metrics(run_dir)
+    rows = train_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert all(math.isfinite(r["loss_d"]) and 0 < r["d_real"] < 1 for r in rows)
     assert (run_dir / "checkpoints/step-00000020/COMPLETE").is_file()
@@ -59,9 +83,10 @@ def test_bf16_run_uses_the_graph_checkpoints_logs_and_resumes(shards64, tmp_path
     again = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir, steps=30)), num_processes=1, timeout=400)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from" in again.stdout
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 31))
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, 31))
 
 
+@gpu
 @pytest.mark.parametrize("graph", [True, False])
 def test_fp16_grad_scaler_skips_forced_overflows(shards64, tmp_path, graph):
     run_dir = tmp_path / "run"
@@ -69,12 +94,13 @@ def test_fp16_grad_scaler_skips_forced_overflows(shards64, tmp_path, graph):
                             num_processes=1, env={**os.environ, "DCGAN_FAULT_OVERFLOW": "5,6"}, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"cuda_graph={graph}" in out.stdout and "mixed_precision=fp16" in out.stdout
-    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    rows = {r["step"]: r for r in train_rows(run_dir)}
     for key in ("skipped_d", "skipped_g"):
         assert rows[6][key] - rows[4][key] >= 2, (key, rows[4], rows[6])   # both forced steps skipped
     assert all(math.isfinite(r["loss_d"]) for r in rows.values())
 
 
+@gpu
 def test_graph_gives_the_eager_losses_within_bf16_tolerance(shards64, tmp_path):
     traces = {}
     for graph in (False, True):
@@ -84,10 +110,11 @@ def test_graph_gives_the_eager_losses_within_bf16_tolerance(shards64, tmp_path):
                                                                 "train.mixed_precision": "bf16",
                                                                 "wandb.mode": "disabled"})], timeout=400)
         assert out.returncode == 0, out.stderr[-4000:]
-        traces[graph] = read_metrics(run_dir)
+        traces[graph] = train_rows(run_dir)
     assert_close_traces(traces[True], traces[False], 2e-2, "graph vs eager")
 
 
+@gpu
 def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
     det = {"train.deterministic": True, "train.ckpt_every": 4, "data.num_workers": 2, "wandb.mode": "disabled"}
     straight = tmp_path / "straight"
@@ -99,9 +126,10 @@ def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
     kill_group(proc)
     out = accelerate_launch(one_gpu("bf16", *args(shards64, run_dir, steps=24, **det)), num_processes=1, timeout=400)
     assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-4000:]
-    assert_close_traces(read_metrics(run_dir), read_metrics(straight), 1e-4, "kill -9 + resume vs straight")
+    assert_close_traces(train_rows(run_dir), train_rows(straight), 1e-4, "kill -9 + resume vs straight")
 
 
+@gpu
 def test_loader_hands_over_pinned_batches(shards64):
     from dcgan_dist.data.shards import read_manifest, shard_paths
     from dcgan_dist.data.stream import make_loader, stop_loader
@@ -121,6 +149,7 @@ def test_loader_hands_over_pinned_batches(shards64):
         stop_loader(batches)
 
 
+@gpu
 def test_two_ranks_share_one_gpu_over_gloo(shards64, tmp_path):
     if torch.cuda.device_count() > 1:
         pytest.skip("needs ranks to outnumber GPUs")
@@ -135,6 +164,7 @@ def test_two_ranks_share_one_gpu_over_gloo(shards64, tmp_path):
     assert replicas["ranks"] == 2 and replicas["digest"]["0"] == replicas["digest"]["1"]
 
 
+@gpu
 def test_graph_captures_ddp_over_nccl(tmp_path):
     out = run([sys.executable, "tests/scripts/ddp_graph.py"], timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
