@@ -9,9 +9,13 @@
 #   3. loader    data_throughput.py into GPU memory with the trainer's default worker count
 #   4. train     an end-to-end `accelerate launch` run (loader, W&B offline, checkpoints), then a resume
 #   5. scaling   scaling_model.py: 8 ranks' all-reduce cost against the measured step times
+#   6. cpu       cpu_target.py: the plain `accelerate launch` on 2 of the host's cores, CUDA hidden, against
+#                pytorch/examples' dcgan/main.py when $PEER_MAIN names a copy of it (never in this repo).
+#                A GPU machine's host CPU may have AMX, which the CPU target needs.
 #
 # Every part runs even if an earlier one failed; the exit status is non-zero if any failed. Prints a
-# summary table with the card's name; with $OUT set, writes gpu_check.json and each part's log there.
+# summary table with the card's name; with $OUT set, writes gpu_check.json, the training metrics and
+# logs.tar.gz (each part's log) there: few files, since a device run returns at most 8.
 # --device cpu runs the same parts, small, so the script itself is tested without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +41,11 @@ if [ "$DEVICE" = cuda ]; then
     IMAGES=1500; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
     TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300
            eval.num_images=500 eval.every_kimg=null); MORE=900
+    CPU=(--steps 10 --peer-iterations 15)
 else
     IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
     LOADER_BATCHES=20; MORE=6
+    CPU=(--steps 1 --peer-iterations 2)
     TRAIN=(train.steps=4 train.log_every=2 train.ckpt_every=2 train.sample_every=4 data.batch_size=16
            model.ngf=16 model.ndf=16 data.shuffle_buffer=64 eval.num_images=32 eval.every_kimg=null)
 fi
@@ -85,6 +91,8 @@ part loader 60 "$PY" benchmarks/data_throughput.py --shards "$WORK/shards" --bat
 part train 120 "$0" --device "$DEVICE" --only train_and_resume
 tail -n 1 "$LOGS/step.log" >"$WORK/step.json"
 part scaling 30 "$PY" benchmarks/scaling_model.py --throughput "$WORK/step.json"
+PEER=(); [ -f "${PEER_MAIN:-}" ] && PEER=(--peer-main "$PEER_MAIN" --dataroot "$WORK/syn/celeba")
+part cpu 200 "$PY" benchmarks/cpu_target.py --shards "$WORK/shards" "${CPU[@]}" "${PEER[@]}"
 
 "$PY" - "$LOGS" "$DEVICE" "${PARTS[@]}" -- "${RESULTS[@]}" <<'EOF'
 import datetime, json, platform, subprocess, sys
@@ -108,7 +116,7 @@ if device == "cuda" and torch.cuda.is_available():
     card.update(name=torch.cuda.get_device_name(), nvidia_smi=smi, cudnn=torch.backends.cudnn.version())
 else:
     card["name"] = platform.processor() or "cpu"
-step, loader, scaling = last_json("step"), last_json("loader"), last_json("scaling")
+step, loader, scaling, cpu = last_json("step"), last_json("loader"), last_json("scaling"), last_json("cpu")
 rows = [json.loads(ln) for ln in (logs / "train_metrics.jsonl").read_text().splitlines()] \
     if (logs / "train_metrics.jsonl").is_file() else []
 train = [r for r in rows if "images_per_s" in r]            # eval rows ("eval/fid", ...) have no rate
@@ -119,6 +127,8 @@ figures = {
     "loader": lambda: f"{loader['images_per_s']:,.0f} img/s into {device} memory, {loader['num_workers']} workers",
     "train": lambda: f"{train[-1]['images_per_s']:,.0f} img/s end to end at step {train[-1]['step']}, resumed",
     "scaling": lambda: f"batch/GPU for >= 90%: {scaling['smallest_batch_for_90pct']}",
+    "cpu": lambda: f"{cpu['ours']['images_per_s']:,.0f} img/s on {len(cpu['cores'])} cores of {cpu['cpu']} "
+                   f"({'AMX' if cpu['amx'] else 'no AMX'})" + (f", {cpu['ratio']}x the peer" if "ratio" in cpu else ""),
 }
 summary = []
 print(f"\ncard: {card.get('name')}  {card.get('nvidia_smi', '')}  torch {card['torch']}  CUDA {card['cuda']}")
@@ -132,7 +142,13 @@ for name, result in zip(names, results):
     summary.append({"part": name, "ok": rc == 0, "exit": rc, "seconds": seconds, "figure": figure})
     print(f"{name:<8} {'ok' if rc == 0 else 'FAIL':<6} {seconds:>7}  {figure}")
 out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": device,
-       "card": card, "parts": summary, "step": step, "loader": loader, "train": train, "scaling": scaling}
+       "card": card, "parts": summary, "step": step, "loader": loader, "train": train, "scaling": scaling,
+       "cpu": cpu}
 (logs / "gpu_check.json").write_text(json.dumps(out, indent=1))
 sys.exit(0 if all(s["ok"] for s in summary) else 1)
 EOF
+rc=$?
+if [ -n "${OUT:-}" ]; then      # one archive of the part logs: a device run returns at most 8 files
+    (cd "$LOGS" && tar -czf logs.tar.gz ./*.log && rm -f ./*.log)
+fi
+exit $rc

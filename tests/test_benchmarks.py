@@ -53,9 +53,11 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
               env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [p["part"] for p in report["parts"]] == ["data", "tests", "step", "loader", "train", "scaling"]
+    assert [p["part"] for p in report["parts"]] == ["data", "tests", "step", "loader", "train", "scaling", "cpu"]
     assert all(p["ok"] for p in report["parts"]), report["parts"]
     assert {r["variant"] for r in report["step"]["results"]} == {"legacy", "eager"}
     assert report["train"][-1]["step"] == 6 and report["loader"]["images_per_s"] > 0
     assert report["scaling"]["gradient_mb"]["D"] > 0
+    assert report["cpu"]["ours"]["threads"] == len(report["cpu"]["cores"]) and report["cpu"]["ours"]["images_per_s"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "logs.tar.gz", "train_metrics.jsonl"]
     assert "card:" in out.stdout and "scaling" in out.stdout

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Issue 11's CPU target: the plain command a new user types, against the peer, on the same cores.
+
+    python benchmarks/cpu_target.py --shards data/shards/demo64 \
+        [--peer-main /tmp/examples/dcgan/main.py --dataroot data/synthetic/celeba] [--cores 0,1]
+
+Ours is `accelerate launch --num_processes 1 --mixed_precision bf16 launch/train.py` with
+configs/celeba64.yaml (64 px, batch 128, ngf = ndf = 64), without `--cpu`, so the launcher exports
+OMP_NUM_THREADS=1 and the trainer's own default must win it back. CUDA is hidden, so a GPU machine's
+host CPU is measured too. Both jobs are pinned to --cores (default: 2 of them, the issue's host), and
+both are timed in steady state: ours over steps N..2N from its own log, the peer by benchmarks/peer_dcgan.py.
+The CPU's name and its bf16 matrix units (AMX, avx512_bf16) are printed beside the figures, since the
+target (3x the peer) assumes AMX. The last line is JSON.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_RATIO = 3.0
+
+
+def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
+    text = Path("/proc/cpuinfo").read_text()
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
+    return (name.group(1).strip() if name else "unknown"), sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
+
+
+def ours(shards: str, steps: int, env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
+               "--mixed_precision", "bf16", "launch/train.py", "--config", "configs/celeba64.yaml",
+               f"data.shards={shards}", f"run_dir={tmp}/run", f"train.steps={2 * steps}",
+               f"train.log_every={steps}", "train.sample_every=100000", "train.ckpt_every=100000",
+               "wandb.mode=disabled", "eval.metrics="]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"error: our plain command failed ({out.returncode}): {out.stderr.strip()[-600:]}")
+        rows = [json.loads(ln) for ln in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+    threads = re.search(r"threads=(\d+)", out.stdout)
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    return {"images_per_s": round(rates[-1], 1), "threads": int(threads.group(1)) if threads else None,
+            "steps": [steps, 2 * steps]}
+
+
+def peer(main_py: str, dataroot: str, iterations: int, env: dict) -> dict:
+    cmd = [sys.executable, "benchmarks/peer_dcgan.py", "--main", main_py, "--dataroot", dataroot,
+           "--iterations", str(iterations)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: the peer failed ({out.returncode}): {out.stderr.strip()[-600:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="64 px shards (launch/shard.py --resolution 64)")
+    p.add_argument("--peer-main", help="pytorch/examples dcgan/main.py; without it only ours is timed")
+    p.add_argument("--dataroot", help="for the peer: a folder holding a folder of images")
+    p.add_argument("--cores", help="CPU ids to pin both jobs to, e.g. 0,1 (default: the first 2 usable)")
+    p.add_argument("--steps", type=int, default=10, help="N: ours is timed over steps N..2N")
+    p.add_argument("--peer-iterations", type=int, default=15, help="the peer is timed over iterations N..2N")
+    args = p.parse_args()
+    if args.peer_main and not args.dataroot:
+        p.error("--peer-main needs --dataroot")
+    usable = sorted(os.sched_getaffinity(0))
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else usable[:2]
+    os.sched_setaffinity(0, cores)  # the children inherit it, and our default reads it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "OMP_"))}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+
+    name, units = cpu_name_and_bf16_units()
+    print(f"cpu: {name}; bf16 units: {', '.join(units) or 'none'}; pinned to cores {cores}", flush=True)
+    result = {"cpu": name, "bf16_units": units, "amx": "amx_bf16" in units, "cores": cores,
+              "ours": ours(args.shards, args.steps, env)}
+    print(f"ours: {result['ours']['images_per_s']:,.1f} img/s, threads={result['ours']['threads']} "
+          f"(steps {args.steps}..{2 * args.steps})", flush=True)
+    if args.peer_main:
+        result["peer"] = peer(args.peer_main, args.dataroot, args.peer_iterations, env)
+        result["ratio"] = round(result["ours"]["images_per_s"] / result["peer"]["images_per_s"], 2)
+        verdict = "met" if result["ratio"] >= TARGET_RATIO else "missed"
+        print(f"peer: {result['peer']['images_per_s']:,.1f} img/s; ours / peer = {result['ratio']}x "
+              f"(target {TARGET_RATIO}x on an AMX host: {verdict}{'' if result['amx'] else ', and this CPU has no AMX'})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
