@@ -38,7 +38,8 @@ export WANDB_SILENT=true PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTH
 ACCELERATE=("$PY" -m accelerate.commands.accelerate_cli launch)
 
 if [ "$DEVICE" = cuda ]; then
-    IMAGES=1500; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
+    # 4,000 images: the peer's timed iterations 15..30 (3,840 images) stay in its first epoch
+    IMAGES=4000; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
     TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300
            eval.num_images=500 eval.every_kimg=null); MORE=900
     CPU=(--steps 10 --peer-iterations 15)
@@ -80,7 +81,7 @@ train_and_resume() {
 if [ -n "$ONLY" ]; then "$ONLY"; exit; fi
 
 echo "gpu_check on $DEVICE, $(date -u +%Y-%m-%dT%H:%MZ); logs in $LOGS"
-part data 60 "$0" --device "$DEVICE" --only data
+part data 120 "$0" --device "$DEVICE" --only data
 # The gpu tests are mostly process start-up (torch, CUDA, W&B): in parallel where pytest-xdist is
 # installed (the device image has it), they take about 1.5 minutes instead of over 4.
 PARALLEL=(); "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
