@@ -179,10 +179,15 @@ def test_slurm_script_is_valid_bash_and_renders_one_launch_per_node():
     lines = out.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["node 0", "node 1", "node 2", "node 3"]
     for node, line in enumerate(lines):
-        assert "export PET_RDZV_ID=dcgan-4242-0; exec accelerate launch" in line
-        assert f"--machine_rank {node} " in line and "--num_machines 4 --num_processes 32 " in line
-        assert "--main_process_ip gpu-a7 " in line and "multi_node_c10d.yaml" in line
-        assert line.endswith("launch/train.py --config configs/celeba64.yaml run_dir=/shared/runs/a\\ b ")
+        assert line.startswith(f"node {node}: export PET_RDZV_ID=dcgan-4242-0 ")
+        # What srun runs on the node, as far as the entry point's dry run: the line it would launch.
+        shown = run(["bash", "-c", line.split(": ", 1)[1]], env={**os.environ, "DRY_RUN": "1"}, timeout=30)
+        assert shown.returncode == 0, shown.stderr
+        launch = shown.stderr.strip().splitlines()[-1]
+        assert launch.startswith("dcgan-dist: accelerate launch --config_file configs/accelerate/multi_node_c10d.yaml ")
+        assert f"--machine_rank {node} " in launch and "--num_machines 4 " in launch and "--num_processes 32 " in launch
+        assert "--main_process_ip gpu-a7 " in launch and "--mixed_precision bf16 " in launch
+        assert launch.endswith("launch/train.py --config configs/celeba64.yaml run_dir=/shared/runs/a\\ b")
 
 
 def test_slurm_rendered_commands_run_as_one_c10d_job(shards32, tmp_path):
