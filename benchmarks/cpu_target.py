@@ -18,8 +18,9 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from train_throughput import end_to_end  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 3.0
@@ -33,19 +34,11 @@ def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
 
 
 def ours(shards: str, steps: int, env: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
-               "--mixed_precision", "bf16", "launch/train.py", "--config", "configs/celeba64.yaml",
-               f"data.shards={shards}", f"run_dir={tmp}/run", f"train.steps={2 * steps}",
-               f"train.log_every={steps}", "train.sample_every=100000", "train.ckpt_every=100000",
-               "wandb.mode=disabled", "eval.metrics="]
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"error: our plain command failed ({out.returncode}): {out.stderr.strip()[-600:]}")
-        rows = [json.loads(ln) for ln in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-    threads = re.search(r"threads=(\d+)", out.stdout)
-    rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
-    return {"images_per_s": round(rates[-1], 1), "threads": int(threads.group(1)) if threads else None,
+    launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
+                "--mixed_precision", "bf16"]
+    ips, stdout = end_to_end(shards, steps, launcher=launcher, env=env)
+    threads = re.search(r"threads=(\d+)", stdout)
+    return {"images_per_s": round(ips, 1), "threads": int(threads.group(1)) if threads else None,
             "steps": [steps, 2 * steps]}
 
 

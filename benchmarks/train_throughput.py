@@ -198,16 +198,21 @@ def matmul_peak(device: str, dtype: torch.dtype, reps: int = 5) -> float:
     return reps * 2 * n ** 3 / best
 
 
-def end_to_end(shards: str, steps: int, precision: str, workers: int) -> float:
+def end_to_end(shards: str, steps: int, keys: list[str] = (), launcher: list[str] = (sys.executable,),
+               env: dict | None = None) -> tuple[float, str]:
+    """The real trainer (configs/celeba64.yaml, `keys` on top) started by `launcher` for 2N steps: the
+    img/s it logged over steps N..2N, and its stdout."""
+    env = env or {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "launch/train.py", "--config", "configs/celeba64.yaml", f"data.shards={shards}",
+        cmd = [*launcher, "launch/train.py", "--config", "configs/celeba64.yaml", f"data.shards={shards}",
                f"run_dir={tmp}/run", f"train.steps={2 * steps}", f"train.log_every={steps}",
                "train.sample_every=100000", "train.ckpt_every=100000", "wandb.mode=disabled", "eval.metrics=",
-               f"data.num_workers={workers}", f"train.mixed_precision={precision}"]
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")})
+               *keys]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"error: the trainer failed ({out.returncode}): {out.stderr.strip()[-600:]}")
         rows = [json.loads(ln) for ln in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "images_per_s" in r][-1]["images_per_s"]
+    return [r for r in rows if "images_per_s" in r][-1]["images_per_s"], out.stdout
 
 
 def _csv(kind):
@@ -246,7 +251,8 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     results = []
     if args.end_to_end:
-        ips = end_to_end(args.shards, args.steps, args.precision, args.num_workers)
+        ips, _ = end_to_end(args.shards, args.steps, [f"data.num_workers={args.num_workers}",
+                                                      f"train.mixed_precision={args.precision}"])
         results.append({"variant": "end-to-end", "precision": args.precision, "num_workers": args.num_workers,
                         "images_per_s": round(ips, 1)})
     else:
