@@ -92,6 +92,14 @@ def accelerate_launch(args: list, num_processes: int = 2, **kw) -> subprocess.Co
     return run(launch_cmd(args, num_processes), **kw)
 
 
+def overrides(keys: dict) -> list[str]:
+    """Config overrides as `key=value`, each value written as the YAML it is parsed as: str(None) would
+    be the string 'None', not null."""
+    def text(value):
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return [f"{k}={text(v)}" for k, v in keys.items()]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """run_dir/metrics.jsonl as a list of rows."""
     return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

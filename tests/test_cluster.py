@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import BIN, ROOT, launch_cmd, run
+from conftest import BIN, ROOT, launch_cmd, overrides, run
 from test_faults import fp32_args, kill_group, start, wait_for, workers
 from wandb_file import config as wandb_config
 
@@ -32,7 +32,7 @@ def train_keys(shards, run_dir, steps, **over) -> list[str]:
             "train.log_every": 2, "train.sample_every": 1000, "train.ckpt_every": 4, "train.keep_ckpts": 2,
             "train.num_samples": 4, "train.cpu_threads_per_rank": 1, "wandb.mode": "offline", "eval.metrics": "",
             **over}
-    return ["--config", "configs/demo.yaml", *[f"{k}={v}" for k, v in keys.items()]]
+    return ["--config", "configs/demo.yaml", *overrides(keys)]
 
 
 def start_machines(args: list[str], port: int, tmp: Path, tag: str) -> list[subprocess.Popen]:

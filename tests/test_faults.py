@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, launch_cmd
+from conftest import ROOT, launch_cmd, overrides
 from conftest import read_metrics as metrics
 
 
@@ -22,7 +22,7 @@ def fp32_args(shards, run_dir, steps=24, **over):
             "train.steps": steps, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 3,
             "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", "eval.metrics": "", **over}
     return ["--mixed_precision", "no", "launch/train.py", "--config", "configs/demo.yaml",
-            *[f"{k}={v}" for k, v in keys.items()]]
+            *overrides(keys)]
 
 
 def start(args, env=None, num_processes=2) -> subprocess.Popen:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import accelerate_launch, read_metrics, run
+from conftest import accelerate_launch, overrides, read_metrics, run
 from test_faults import kill_group, last_step, start, wait_for
 
 gpu = pytest.mark.gpu
@@ -32,12 +32,7 @@ def args(shards, run_dir, steps=20, **over):
             "data.shuffle_buffer": 64, "train.steps": steps, "train.log_every": 1, "train.sample_every": 10,
             "train.ckpt_every": 5, "train.keep_ckpts": 2, "train.num_samples": 16, "wandb.mode": "offline",
             "eval.num_images": 64, "eval.every_kimg": None, **over}
-    return ["launch/train.py", "--config", "configs/demo.yaml", *[f"{k}={cli(v)}" for k, v in keys.items()]]
-
-
-def cli(value):
-    """A Python value as the YAML an override is parsed as: str(None) is 'None', a string, not null."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return ["launch/train.py", "--config", "configs/demo.yaml", *overrides(keys)]
 
 
 def test_the_gpu_tests_arguments_parse_as_the_config_they_mean(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, overrides
 from conftest import read_metrics as metrics
 from dcgan_dist.ema import ema_beta
 
@@ -21,7 +21,7 @@ KEYS = {"model.resolution": 32, "model.ngf": 8, "model.ndf": 8, "data.batch_size
 def resume(shards, run_dir, ranks, steps, precision, **over):
     args = ["--mixed_precision", precision, "launch/train.py", "--config", "configs/demo.yaml",
             f"data.shards={shards}", f"run_dir={run_dir}", f"train.steps={steps}",
-            *[f"{k}={v}" for k, v in {**KEYS, **over}.items()]]
+            *overrides({**KEYS, **over})]
     out = accelerate_launch(args, num_processes=ranks, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
