@@ -10,7 +10,9 @@ OMP_NUM_THREADS=1 and the trainer's own default must win it back. CUDA is hidden
 host CPU is measured too. Both jobs are pinned to --cores (default: 2 of them, the issue's host), and
 both are timed in steady state: ours over steps N..2N from its own log, the peer by benchmarks/peer_dcgan.py.
 The CPU's name and its bf16 matrix units (AMX, avx512_bf16) are printed beside the figures, since the
-target (3x the peer) assumes AMX. The last line is JSON.
+target (3x the peer) assumes AMX. /proc/cpuinfo listing AMX does not mean the convolutions use it, so a
+probe on the same cores also records which kernels oneDNN picked for a D layer's bf16 convolution and the
+dense 4096² matmul rate in bf16 and fp32. The last line is JSON.
 """
 import argparse
 import json
@@ -31,6 +33,37 @@ def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
     name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
     flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())
     return (name.group(1).strip() if name else "unknown"), sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
+
+
+PROBE = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+conv = torch.nn.Conv2d(128, 256, 4, 2, 1, bias=False).to(memory_format=torch.channels_last)  # D's 3rd layer
+x = torch.randn(128, 128, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON), torch.autocast("cpu", torch.bfloat16):
+    conv(x).float().sum().backward()
+rates = {}
+for dtype in (torch.bfloat16, torch.float32):
+    a = torch.randn(4096, 4096, dtype=dtype)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    rates[str(dtype).split(".")[1]] = round(3 * 2 * 4096**3 / (time.perf_counter() - t0) / 1e12, 3)
+print("PROBE " + json.dumps(rates), flush=True)
+"""
+
+
+def onednn_probe(threads: int, env: dict) -> dict:
+    """What the CPU really runs: oneDNN's ISA, its kernels for a bf16 conv step, and matmul TFLOP/s."""
+    out = subprocess.run([sys.executable, "-c", PROBE, str(threads)], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:]}
+    isa = re.search(r"onednn_verbose,.*?,info,cpu,isa:(.+)", out.stdout)
+    kernels = sorted(set(re.findall(r",primitive,exec,cpu,convolution,([^,]+),", out.stdout)))
+    rates = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
+    return {"isa": isa.group(1).strip() if isa else None, "conv_kernels": kernels,
+            "conv_uses_amx": any("amx" in k for k in kernels), "matmul_tflops": rates}
 
 
 def ours(shards: str, steps: int, env: dict) -> dict:
@@ -71,7 +104,18 @@ def main() -> None:
     name, units = cpu_name_and_bf16_units()
     print(f"cpu: {name}; bf16 units: {', '.join(units) or 'none'}; pinned to cores {cores}", flush=True)
     result = {"cpu": name, "bf16_units": units, "amx": "amx_bf16" in units, "cores": cores,
-              "ours": ours(args.shards, args.steps, env)}
+              "onednn": onednn_probe(len(cores), env)}
+    dnn = result["onednn"]
+    if "error" in dnn:
+        print(f"oneDNN probe failed: {dnn['error']}", flush=True)
+    else:
+        mm = dnn["matmul_tflops"]
+        print(f"oneDNN: {dnn['isa']}; bf16 conv kernels: {', '.join(dnn['conv_kernels'])}; 4096² matmul "
+              f"bf16 {mm['bfloat16']} TFLOP/s, fp32 {mm['float32']} ({mm['bfloat16'] / mm['float32']:.2f}x)",
+              flush=True)
+        if result["amx"] and not dnn["conv_uses_amx"]:
+            print("note: /proc/cpuinfo lists AMX, but oneDNN did not use it for the convolutions", flush=True)
+    result["ours"] = ours(args.shards, args.steps, env)
     print(f"ours: {result['ours']['images_per_s']:,.1f} img/s, threads={result['ours']['threads']} "
           f"(steps {args.steps}..{2 * args.steps})", flush=True)
     if args.peer_main:

@@ -59,5 +59,8 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert report["train"][-1]["step"] == 6 and report["loader"]["images_per_s"] > 0
     assert report["scaling"]["gradient_mb"]["D"] > 0
     assert report["cpu"]["ours"]["threads"] == len(report["cpu"]["cores"]) and report["cpu"]["ours"]["images_per_s"] > 0
+    dnn = report["cpu"]["onednn"]                          # which kernels the convolutions really ran on
+    assert dnn["isa"] and dnn["conv_kernels"] and min(dnn["matmul_tflops"].values()) > 0, dnn
+    assert report["cpu"]["amx"] or not dnn["conv_uses_amx"]
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "logs.tar.gz", "train_metrics.jsonl"]
     assert "card:" in out.stdout and "scaling" in out.stdout
