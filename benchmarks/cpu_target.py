@@ -12,7 +12,8 @@ both are timed in steady state: ours over steps N..2N from its own log, the peer
 The CPU's name and its bf16 matrix units (AMX, avx512_bf16) are printed beside the figures, since the
 target (3x the peer) assumes AMX. /proc/cpuinfo listing AMX does not mean the convolutions use it, so a
 probe on the same cores also records which kernels oneDNN picked for a D layer's bf16 convolution and the
-dense 4096² matmul rate in bf16 and fp32. The last line is JSON.
+dense 4096² matmul rate in bf16 and fp32, and a profile of one bf16 step says where its time goes
+(convolutions against the rest). The last line is JSON.
 """
 import argparse
 import json
@@ -66,6 +67,16 @@ def onednn_probe(threads: int, env: dict) -> dict:
             "conv_uses_amx": any("amx" in k for k in kernels), "matmul_tflops": rates}
 
 
+def step_profile(env: dict) -> dict:
+    """Where the bare bf16 step's time goes on these cores (train_throughput.py --profile)."""
+    out = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--device", "cpu", "--profile",
+                          "--precisions", "bf16", "--batch-size", "128", "--steps", "3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])["profile"]
+
+
 def ours(shards: str, steps: int, env: dict) -> dict:
     launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
                 "--mixed_precision", "bf16"]
@@ -115,6 +126,10 @@ def main() -> None:
               flush=True)
         if result["amx"] and not dnn["conv_uses_amx"]:
             print("note: /proc/cpuinfo lists AMX, but oneDNN did not use it for the convolutions", flush=True)
+    result["profile"] = step_profile(env)
+    if "kinds" in result["profile"]:
+        print(f"one bf16 step, {result['profile']['ms_per_step']:.0f} ms: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in result["profile"]["kinds"].items()), flush=True)
     result["ours"] = ours(args.shards, args.steps, env)
     print(f"ours: {result['ours']['images_per_s']:,.1f} img/s, threads={result['ours']['threads']} "
           f"(steps {args.steps}..{2 * args.steps})", flush=True)

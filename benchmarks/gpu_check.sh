@@ -38,11 +38,11 @@ export WANDB_SILENT=true PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTH
 ACCELERATE=("$PY" -m accelerate.commands.accelerate_cli launch)
 
 if [ "$DEVICE" = cuda ]; then
-    # 4,000 images: the peer's timed iterations 15..30 (3,840 images) stay in its first epoch
+    # 4,000 images: the peer's timed iterations 12..24 (3,072 images) stay in its first epoch
     IMAGES=4000; TPUT=(--device cuda --steps 300); LOADER_BATCHES=400
     TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300
            eval.num_images=500 eval.every_kimg=null); MORE=900
-    CPU=(--steps 10 --peer-iterations 15)
+    CPU=(--steps 8 --peer-iterations 12)   # about 3 minutes on 2 Xeon cores, the probe and profile included
 else
     IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
     LOADER_BATCHES=20; MORE=6
@@ -93,7 +93,7 @@ part train 120 "$0" --device "$DEVICE" --only train_and_resume
 tail -n 1 "$LOGS/step.log" >"$WORK/step.json"
 part scaling 30 "$PY" benchmarks/scaling_model.py --throughput "$WORK/step.json"
 PEER=(); [ -f "${PEER_MAIN:-}" ] && PEER=(--peer-main "$PEER_MAIN" --dataroot "$WORK/syn/celeba")
-part cpu 200 "$PY" benchmarks/cpu_target.py --shards "$WORK/shards" "${CPU[@]}" "${PEER[@]}"
+part cpu 220 "$PY" benchmarks/cpu_target.py --shards "$WORK/shards" "${CPU[@]}" "${PEER[@]}"
 
 "$PY" - "$LOGS" "$DEVICE" "${PARTS[@]}" -- "${RESULTS[@]}" <<'EOF'
 import datetime, json, platform, subprocess, sys

@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py [--device cpu|cuda] [--steps N] [--batch-sizes 128,256,512]
         [--precisions bf16,fp16] [--variants legacy,eager,graph] [--channels-last both|on|off] [--compile]
     python benchmarks/train_throughput.py --end-to-end --shards data/shards/demo64 [--steps 10]
+    python benchmarks/train_throughput.py --profile [--device cpu] [--batch-size 128] [--precisions bf16]
 
 Bare mode times the trainer's own step (`StepRunner` over `TrainStep`: D step + G step) on a random uint8
 batch, which is copied in from pinned host memory on CUDA as the loader's would be. Each variant is one
@@ -19,6 +20,9 @@ change on the way from the old step to the fast one, so every optimisation is me
 Steady state: warm-up steps first (graph capture included), then `--steps` timed steps between two
 device syncs. The extra variants run at the first batch size only. --end-to-end runs the real trainer
 (loader, logging, everything) for 2N steps and reads the images/s it logged over steps N..2N.
+--profile runs the eager step under torch.profiler and says where a step's time goes, by kind of op
+(convolutions forward and backward, BatchNorm, the optimiser, the rest): on a CPU whose matrix unit
+makes the convolutions cheap, the rest is what is left to win.
 Prints a table; the last line is JSON.
 """
 import argparse
@@ -104,6 +108,44 @@ def _legacy_runner(acc, batch: int, channels_last: bool):
         stats[:] = [torch.stack([loss_d.detach(), loss_g.detach()])]
 
     return None, step, lambda: stats[0].tolist()
+
+
+KINDS = (("conv backward", ("convolution_backward",)),   # before "conv forward": "aten::convolution" is in it
+         ("conv forward", ("aten::convolution", "aten::_convolution", "mkldnn_convolution", "cudnn_convolution")),
+         ("batch norm", ("batch_norm",)),
+         ("optimiser", ("adam", "_foreach", "_fused")))
+
+
+def _kind(op: str) -> str:
+    return next((kind for kind, keys in KINDS if any(k in op for k in keys)), "other")
+
+
+def profile_step(device: str, precision: str, batch: int, steps: int, top: int = 12) -> dict:
+    """Self time per op over `steps` eager steps, per step, with each op's share and the shares by kind."""
+    from accelerate import Accelerator
+    from torch.profiler import ProfilerActivity, profile
+
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    _, step, sync = _new_runner(acc, "eager", batch, True, False)
+    batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    for i in range(2):
+        step(batch_u8, i)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(2, 2 + steps):
+            step(batch_u8, i)
+        sync()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = [(e.key, getattr(e, attr) / 1e3 / steps) for e in prof.key_averages()]
+    ops = sorted((o for o in ops if o[1] > 0), key=lambda o: -o[1])
+    total = sum(ms for _, ms in ops)
+    kinds: dict[str, float] = {}
+    for op, ms in ops:
+        kinds[_kind(op)] = kinds.get(_kind(op), 0.0) + ms
+    return {"precision": precision, "batch": batch, "steps": steps, "ms_per_step": round(total, 1),
+            "kinds": {k: round(ms / total, 3) for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "ops": [{"op": op, "ms_per_step": round(ms, 2), "share": round(ms / total, 3)} for op, ms in ops[:top]]}
 
 
 def bare(device: str, precision: str, variant: str, batch: int, channels_last: bool, compile_: bool,
@@ -234,6 +276,7 @@ def main() -> None:
     p.add_argument("--shards")
     p.add_argument("--precision", default="bf16", help="for --end-to-end")
     p.add_argument("--num-workers", type=int, default=0, help="for --end-to-end: loader workers")
+    p.add_argument("--profile", action="store_true", help="where one eager step's time goes, op by op")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args()
     gpu = args.device == "cuda"
@@ -249,6 +292,14 @@ def main() -> None:
     args.channels_last = args.channels_last or ("on" if gpu else "both")
     name = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    if args.profile:
+        prof = profile_step(args.device, args.precisions[0], args.batch_sizes[0], min(args.steps, 5))
+        print(f"{prof['ms_per_step']:.1f} ms per step ({prof['precision']}, batch {prof['batch']}): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in prof["kinds"].items()))
+        for o in prof["ops"]:
+            print(f"  {o['op']:<44} {o['ms_per_step']:>9.2f} ms {o['share']:>6.1%}")
+        print(json.dumps({"device": name, "torch": torch.__version__, "profile": prof}))
+        return
     results = []
     if args.end_to_end:
         ips, _ = end_to_end(args.shards, args.steps, [f"data.num_workers={args.num_workers}",

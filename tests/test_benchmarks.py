@@ -62,5 +62,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     dnn = report["cpu"]["onednn"]                          # which kernels the convolutions really ran on
     assert dnn["isa"] and dnn["conv_kernels"] and min(dnn["matmul_tflops"].values()) > 0, dnn
     assert report["cpu"]["amx"] or not dnn["conv_uses_amx"]
+    kinds = report["cpu"]["profile"]["kinds"]             # a DCGAN step is convolutions, on any CPU
+    assert abs(sum(kinds.values()) - 1) < 0.01 and kinds["conv forward"] + kinds["conv backward"] > 0.5, kinds
     assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "logs.tar.gz", "train_metrics.jsonl"]
     assert "card:" in out.stdout and "scaling" in out.stdout
