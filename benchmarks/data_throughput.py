@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
-from dcgan_dist.data.stream import make_loader  # noqa: E402
+from dcgan_dist.data.stream import make_loader, stop_loader  # noqa: E402
 
 
 def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch.device) -> float:
@@ -41,15 +41,19 @@ def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch
     loader = make_loader(shard_paths(shards, manifest), batch, manifest["resolution"], 0, 0, 1, workers,
                          shuffle_buffer=2000, pin_memory=device.type == "cuda")
     it = iter(loader)
-    for _ in range(3):                                   # warm-up: workers start, shuffle buffer fills
-        next(it)
-    t0 = time.perf_counter()
-    for images, _ in itertools.islice(it, batches):
-        x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    assert x.shape[0] == batch
-    return batches * batch / (time.perf_counter() - t0)
+    try:
+        for _ in range(3):                               # warm-up: workers start, shuffle buffer fills
+            next(it)
+        t0 = time.perf_counter()
+        for images, _ in itertools.islice(it, batches):
+            x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        assert x.shape[0] == batch
+        return batches * batch / seconds
+    finally:    # an exception's traceback would keep the workers, which ignore SIGTERM, alive at exit
+        stop_loader(it)
 
 
 def time_seeds(jpeg_root: Path, resolution: int, batch: int, workers: int, batches: int) -> float:
