@@ -36,28 +36,24 @@ def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
     return (name.group(1).strip() if name else "unknown"), sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
 
 
+# Its own process, since oneDNN prints its verbose lines from C; run in benchmarks/ to import from there.
 PROBE = """
-import json, sys, time, torch
+import json, sys, torch
+from train_throughput import matmul_peak
 torch.set_num_threads(int(sys.argv[1]))
 conv = torch.nn.Conv2d(128, 256, 4, 2, 1, bias=False).to(memory_format=torch.channels_last)  # D's 3rd layer
 x = torch.randn(128, 128, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
 with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON), torch.autocast("cpu", torch.bfloat16):
     conv(x).float().sum().backward()
-rates = {}
-for dtype in (torch.bfloat16, torch.float32):
-    a = torch.randn(4096, 4096, dtype=dtype)
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    rates[str(dtype).split(".")[1]] = round(3 * 2 * 4096**3 / (time.perf_counter() - t0) / 1e12, 3)
+rates = {str(t).split(".")[1]: round(matmul_peak("cpu", t, reps=1) / 1e12, 3) for t in (torch.bfloat16, torch.float32)}
 print("PROBE " + json.dumps(rates), flush=True)
 """
 
 
 def onednn_probe(threads: int, env: dict) -> dict:
     """What the CPU really runs: oneDNN's ISA, its kernels for a bf16 conv step, and matmul TFLOP/s."""
-    out = subprocess.run([sys.executable, "-c", PROBE, str(threads)], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(threads)], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:]}
     isa = re.search(r"onednn_verbose,.*?,info,cpu,isa:(.+)", out.stdout)

@@ -128,8 +128,9 @@ figures = {
     "loader": lambda: f"{loader['images_per_s']:,.0f} img/s into {device} memory, {loader['num_workers']} workers",
     "train": lambda: f"{train[-1]['images_per_s']:,.0f} img/s end to end at step {train[-1]['step']}, resumed",
     "scaling": lambda: f"batch/GPU for >= 90%: {scaling['smallest_batch_for_90pct']}",
-    "cpu": lambda: f"{cpu['ours']['images_per_s']:,.0f} img/s on {len(cpu['cores'])} cores of {cpu['cpu']} "
-                   f"({'no AMX' if not cpu['amx'] else 'AMX, used' if cpu['onednn'].get('conv_uses_amx') else 'AMX, unused'})" + (f", {cpu['ratio']}x the peer" if "ratio" in cpu else ""),
+    "cpu": lambda: f"{cpu['ours']['images_per_s']:,.0f} img/s on {len(cpu['cores'])} cores of {cpu['cpu']} ("
+                   + ("no AMX" if not cpu["amx"] else "AMX, used" if cpu["onednn"].get("conv_uses_amx") else "AMX, unused")
+                   + (f"), {cpu['ratio']}x the peer" if "ratio" in cpu else ")"),
 }
 summary = []
 print(f"\ncard: {card.get('name')}  {card.get('nvidia_smi', '')}  torch {card['torch']}  CUDA {card['cuda']}")
