@@ -11,9 +11,9 @@ host CPU is measured too. Both jobs are pinned to --cores (default: 2 of them, t
 both are timed in steady state: ours over steps N..2N from its own log, the peer by benchmarks/peer_dcgan.py.
 The CPU's name and its bf16 matrix units (AMX, avx512_bf16) are printed beside the figures, since the
 target (3x the peer) assumes AMX. /proc/cpuinfo listing AMX does not mean the convolutions use it, so a
-probe on the same cores also records which kernels oneDNN picked for a D layer's bf16 convolution and the
-dense 4096² matmul rate in bf16 and fp32, and a profile of one bf16 step says where its time goes
-(convolutions against the rest). The last line is JSON.
+probe on the same cores (benchmarks/onednn_step.py) also records the kernel and TFLOP/s of every
+convolution in one bf16 step and the dense 4096² matmul rate in bf16 and fp32, and a profile of one bf16
+step says where its time goes (convolutions against the rest). The last line is JSON.
 """
 import argparse
 import json
@@ -36,31 +36,14 @@ def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
     return (name.group(1).strip() if name else "unknown"), sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
 
 
-# Its own process, since oneDNN prints its verbose lines from C; run in benchmarks/ to import from there.
-PROBE = """
-import json, sys, torch
-from train_throughput import matmul_peak
-torch.set_num_threads(int(sys.argv[1]))
-conv = torch.nn.Conv2d(128, 256, 4, 2, 1, bias=False).to(memory_format=torch.channels_last)  # D's 3rd layer
-x = torch.randn(128, 128, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
-with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON), torch.autocast("cpu", torch.bfloat16):
-    conv(x).float().sum().backward()
-rates = {str(t).split(".")[1]: round(matmul_peak("cpu", t, reps=1) / 1e12, 3) for t in (torch.bfloat16, torch.float32)}
-print("PROBE " + json.dumps(rates), flush=True)
-"""
-
-
 def onednn_probe(threads: int, env: dict) -> dict:
-    """What the CPU really runs: oneDNN's ISA, its kernels for a bf16 conv step, and matmul TFLOP/s."""
-    out = subprocess.run([sys.executable, "-c", PROBE, str(threads)], cwd=Path(__file__).parent, env=env,
-                         capture_output=True, text=True)
+    """What the CPU really runs (benchmarks/onednn_step.py): oneDNN's ISA, the kernel and TFLOP/s of every
+    convolution in one bf16 step, and the matmul rate in bf16 and fp32, on these same cores."""
+    out = subprocess.run([sys.executable, "benchmarks/onednn_step.py", "--threads", str(threads)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:]}
-    isa = re.search(r"onednn_verbose,.*?,info,cpu,isa:(.+)", out.stdout)
-    kernels = sorted(set(re.findall(r",primitive,exec,cpu,convolution,([^,]+),", out.stdout)))
-    rates = json.loads(out.stdout.split("PROBE ", 1)[1].splitlines()[0])
-    return {"isa": isa.group(1).strip() if isa else None, "conv_kernels": kernels,
-            "conv_uses_amx": any("amx" in k for k in kernels), "matmul_tflops": rates}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def step_profile(env: dict) -> dict:
@@ -117,9 +100,12 @@ def main() -> None:
         print(f"oneDNN probe failed: {dnn['error']}", flush=True)
     else:
         mm = dnn["matmul_tflops"]
-        print(f"oneDNN: {dnn['isa']}; bf16 conv kernels: {', '.join(dnn['conv_kernels'])}; 4096² matmul "
-              f"bf16 {mm['bfloat16']} TFLOP/s, fp32 {mm['float32']} ({mm['bfloat16'] / mm['float32']:.2f}x)",
-              flush=True)
+        kernels = sorted({k for ks in dnn["conv_kernels"] for k in ks.split("+")})
+        print(f"oneDNN: {dnn['isa']}; bf16 conv kernels: {', '.join(kernels)}; 4096² matmul bf16 "
+              f"{mm['bfloat16']} TFLOP/s ({dnn['matmul_kernel']}), fp32 {mm['float32']} "
+              f"({mm['bfloat16'] / mm['float32']:.2f}x)", flush=True)
+        print(f"convolutions of one bf16 step: {dnn['conv_ms']:.0f} ms; " + ", ".join(
+            f"{k} at {v['tflops']} TFLOP/s" for k, v in dnn["passes"].items()), flush=True)
         if result["amx"] and not dnn["conv_uses_amx"]:
             print("note: /proc/cpuinfo lists AMX, but oneDNN did not use it for the convolutions", flush=True)
     result["profile"] = step_profile(env)

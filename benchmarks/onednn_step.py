@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""What oneDNN really runs for one bf16 training step on this CPU, convolution by convolution.
+
+    python benchmarks/onednn_step.py [--threads 2] [--batch-size 128]
+
+Runs the trainer's eager step (64 px, ngf = ndf = 64, bf16, channels_last) twice to warm up, then once
+with oneDNN's verbose mode on, and reads back every primitive it executed: the kernel (for example
+`brg_conv_fwd:avx512_core_bf16`, or an `..._amx` one), the pass (forward, backward data, backward
+weights), the layer's shape and the milliseconds. FLOPs come from the shape, so each layer and each pass
+gets its TFLOP/s, set beside the dense 4096² matmul rate that the same process reaches (and the matmul's
+own kernel). /proc/cpuinfo listing AMX does not mean oneDNN uses it; this says which kernels did, and
+which of them fall short of the matmul. Prints a table; the last line is JSON.
+"""
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from train_throughput import _new_runner, matmul_peak  # benchmarks/ is this script's folder
+
+# onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<prop_kind>,...,<problem>,<ms>
+EXEC = re.compile(r"^onednn_verbose,(?:v\d+,)?primitive,exec,cpu,(\w+),([^,]+),([^,]+),.*,([^,]+),([\d.]+)\s*$")
+ISA = re.compile(r"^onednn_verbose,.*?,info,cpu,isa:(.+)$", re.M)
+PASSES = {"forward_training": "forward", "forward_inference": "forward", "backward_data": "backward data",
+          "backward_weights": "backward weights"}
+
+
+@contextlib.contextmanager
+def onednn_verbose(path: str):
+    """oneDNN's verbose lines go to `path`: they are printed from C onto fd 1, past Python's sys.stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 1)
+    try:
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def conv_flops(primitive: str, problem: str) -> int:
+    """Multiply-adds x 2 of a (de)convolution from oneDNN's problem string, e.g. mb128_ic64oc128_ih32oh16kh4...
+    The same count holds for its forward, backward-data and backward-weights passes."""
+    d = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", problem)}
+    spatial = d["ih"] * d["iw"] if primitive == "deconvolution" else d["oh"] * d["ow"]  # the conv side
+    return 2 * d["mb"] * d["ic"] * d["oc"] * d["kh"] * d["kw"] * spatial // d.get("g", 1)
+
+
+def parse(text: str) -> dict:
+    """Per (primitive, pass, shape): the kernel, the calls and the ms; per pass: ms and TFLOP/s; reorders."""
+    layers: dict[tuple, dict] = {}
+    reorder_ms = 0.0
+    for line in text.splitlines():
+        m = EXEC.match(line)
+        if not m:
+            continue
+        primitive, impl, prop, problem, ms = m.groups()
+        if primitive == "reorder":
+            reorder_ms += float(ms)
+        if primitive not in ("convolution", "deconvolution"):
+            continue
+        row = layers.setdefault((primitive, PASSES.get(prop, prop), problem), {
+            "primitive": primitive, "pass": PASSES.get(prop, prop), "shape": problem, "kernel": impl,
+            "calls": 0, "ms": 0.0, "gflop": 0.0})
+        row["calls"] += 1
+        row["ms"] += float(ms)
+        row["gflop"] += conv_flops(primitive, problem) / 1e9
+    rows = sorted(layers.values(), key=lambda r: -r["ms"])
+    passes: dict[str, dict] = {}
+    for r in rows:
+        r["tflops"] = round(r["gflop"] / r["ms"], 3) if r["ms"] else None     # GFLOP per ms = TFLOP/s
+        p = passes.setdefault(r["pass"], {"ms": 0.0, "gflop": 0.0})
+        p["ms"] += r["ms"]
+        p["gflop"] += r["gflop"]
+    for p in passes.values():
+        p["tflops"] = round(p["gflop"] / p["ms"], 3) if p["ms"] else None
+    kernels = sorted({r["kernel"] for r in rows})
+    isa = ISA.search(text)
+    return {"isa": isa.group(1).strip() if isa else None, "conv_kernels": kernels,
+            "conv_uses_amx": any("amx" in k for k in kernels), "conv_ms": round(sum(r["ms"] for r in rows), 1),
+            "reorder_ms": round(reorder_ms, 1), "passes": passes, "layers": rows}
+
+
+def measure(batch: int) -> dict:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    _, step, sync = _new_runner(acc, "eager", batch, True, False)
+    batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    for i in range(2):                       # primitives created and cached before the step that is read
+        step(batch_u8, i)
+    sync()
+    a = torch.randn(256, 256, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = str(Path(tmp) / "onednn.log")
+        with onednn_verbose(log):
+            step(batch_u8, 2)
+            sync()
+            a @ a                           # which kernel a bf16 matmul gets, for comparison
+        text = Path(log).read_text(errors="replace")
+    result = parse(text)
+    mm = re.search(r"primitive,exec,cpu,matmul,([^,]+),", text)
+    result["matmul_kernel"] = mm.group(1) if mm else None
+    result["matmul_tflops"] = {str(t).split(".")[1]: round(matmul_peak("cpu", t, reps=1) / 1e12, 3)
+                               for t in (torch.bfloat16, torch.float32)}
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--batch-size", type=int, default=128)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure(args.batch_size)
+    peak = r["matmul_tflops"]["bfloat16"]
+    print(f"oneDNN: {r['isa']}; threads {torch.get_num_threads()}; bf16 matmul {peak} TFLOP/s "
+          f"({r['matmul_kernel']}), fp32 {r['matmul_tflops']['float32']}")
+    print(f"one bf16 step, batch {args.batch_size}: convolutions {r['conv_ms']} ms, weight reorders "
+          f"{r['reorder_ms']} ms; by pass: " + ", ".join(
+              f"{k} {v['ms']:.0f} ms at {v['tflops']} TFLOP/s" for k, v in r["passes"].items()))
+    print(f"{'primitive':<13} {'pass':<16} {'shape':<58} {'calls':>5} {'ms':>7} {'TFLOP/s':>7} {'of mm':>5}  kernel")
+    for row in r["layers"]:
+        print(f"{row['primitive']:<13} {row['pass']:<16} {row['shape']:<58} {row['calls']:>5} {row['ms']:>7.1f} "
+              f"{row['tflops']:>7.3f} {row['tflops'] / peak:>5.0%}  {row['kernel']}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
