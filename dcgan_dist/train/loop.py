@@ -40,6 +40,7 @@ from dcgan_dist.snapshot import FILENAME as SNAPSHOT
 from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
+from dcgan_dist.train.cpu_conv import use_forward_weight_grads
 from dcgan_dist.train.evaluate import Evaluator
 from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
 
@@ -69,6 +70,8 @@ def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.St
     G, D = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if accelerator.device.type == "cpu" and cfg.train.cpu_forward_weight_grads:
+        use_forward_weight_grads(G), use_forward_weight_grads(D)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     # Fused: one kernel per update, and it can skip an update on the device (found_inf), never syncing.
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=betas, fused=True)
