@@ -56,10 +56,10 @@ def step_profile(env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])["profile"]
 
 
-def ours(shards: str, steps: int, env: dict) -> dict:
+def ours(shards: str, steps: int, env: dict, keys: tuple[str, ...] = ()) -> dict:
     launcher = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--num_processes", "1",
                 "--mixed_precision", "bf16"]
-    ips, stdout = end_to_end(shards, steps, launcher=launcher, env=env)
+    ips, stdout = end_to_end(shards, steps, keys, launcher=launcher, env=env)
     threads = re.search(r"threads=(\d+)", stdout)
     return {"images_per_s": round(ips, 1), "threads": int(threads.group(1)) if threads else None,
             "steps": [steps, 2 * steps]}
@@ -115,6 +115,11 @@ def main() -> None:
     result["ours"] = ours(args.shards, args.steps, env)
     print(f"ours: {result['ours']['images_per_s']:,.1f} img/s, threads={result['ours']['threads']} "
           f"(steps {args.steps}..{2 * args.steps})", flush=True)
+    # The same with oneDNN's own backward-weights kernels: whether the default's forward form pays here.
+    plain = ours(args.shards, args.steps, env, ("train.cpu_forward_weight_grads=false",))
+    result["ours_onednn_weight_grads"] = plain
+    print(f"ours with train.cpu_forward_weight_grads=false: {plain['images_per_s']:,.1f} img/s (the default is "
+          f"{result['ours']['images_per_s'] / plain['images_per_s'] - 1:+.1%})", flush=True)
     if args.peer_main:
         result["peer"] = peer(args.peer_main, args.dataroot, args.peer_iterations, env)
         result["ratio"] = round(result["ours"]["images_per_s"] / result["peer"]["images_per_s"], 2)

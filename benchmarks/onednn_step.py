@@ -3,13 +3,16 @@
 
     python benchmarks/onednn_step.py [--threads 2] [--batch-size 128]
 
-Runs the trainer's eager step (64 px, ngf = ndf = 64, bf16, channels_last) twice to warm up, then once
-with oneDNN's verbose mode on, and reads back every primitive it executed: the kernel (for example
-`brg_conv_fwd:avx512_core_bf16`, or an `..._amx` one), the pass (forward, backward data, backward
-weights), the layer's shape and the milliseconds. FLOPs come from the shape, so each layer and each pass
-gets its TFLOP/s, set beside the dense 4096² matmul rate that the same process reaches (and the matmul's
-own kernel). /proc/cpuinfo listing AMX does not mean oneDNN uses it; this says which kernels did, and
-which of them fall short of the matmul. Prints a table; the last line is JSON.
+Runs the trainer's eager step (64 px, ngf = ndf = 64, bf16, channels_last, every pass on oneDNN's own
+kernels) twice to warm up, then once with oneDNN's verbose mode on, and reads back every primitive it
+executed: the kernel (for example `brg_conv_fwd:avx512_core_bf16`, or an `..._amx` one), the pass
+(forward, backward data, backward weights), the layer's shape and the milliseconds. FLOPs come from the
+shape, so each layer and each pass gets its TFLOP/s, set beside the dense 4096² matmul rate that the same
+process reaches (and the matmul's own kernel). /proc/cpuinfo listing AMX does not mean oneDNN uses it;
+this says which kernels did, and which of them fall short of the matmul. Beside each backward-weights
+kernel it times the same gradient as one forward convolution, the form `train.cpu_forward_weight_grads`
+gives the small-side layers.
+Prints a table; the last line is JSON.
 """
 import argparse
 import contextlib
@@ -19,11 +22,15 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from train_throughput import _new_runner, matmul_peak  # benchmarks/ is this script's folder
+
+from dcgan_dist.train.cpu_conv import weight_grad_as_conv  # noqa: E402 - train_throughput puts the repo on sys.path
 
 # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<prop_kind>,...,<problem>,<ms>
 EXEC = re.compile(r"^onednn_verbose,(?:v\d+,)?primitive,exec,cpu,(\w+),([^,]+),([^,]+),.*,([^,]+),([\d.]+)\s*$")
@@ -91,11 +98,36 @@ def parse(text: str) -> dict:
             "reorder_ms": round(reorder_ms, 1), "passes": passes, "layers": rows}
 
 
+def time_weight_grad_as_conv(row: dict, reps: int = 3) -> Optional[float]:
+    """Best-of-`reps` ms of one `weight_grad_as_conv` call (what `train.cpu_forward_weight_grads` uses for
+    small sides) for a backward-weights row's shape, bf16 channels_last, so that oneDNN's kernel can be
+    set beside it on any CPU. A deconvolution's weight gradient is its equivalent convolution's, with
+    input and output swapped."""
+    d = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", row["shape"])}
+    if d.get("g", 1) != 1 or d["sh"] != d["sw"] or d["ph"] != d["pw"]:
+        return None
+    big, small = (d["ic"], d["ih"], d["iw"]), (d["oc"], d["oh"], d["ow"])
+    if row["primitive"] == "deconvolution":
+        big, small = small, big
+    x, g = (torch.randn(d["mb"], *dims, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            for dims in (big, small))
+    if weight_grad_as_conv(x, g, d["sh"], d["ph"]).shape[-2:] != (d["kh"], d["kw"]):
+        return None
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        weight_grad_as_conv(x, g, d["sh"], d["ph"])
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 2)
+
+
 def measure(batch: int) -> dict:
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")
-    _, step, sync = _new_runner(acc, "eager", batch, True, False)
+    # oneDNN's own kernels for every pass, the small-side weight gradients included: the forward form the
+    # trainer uses for those (train.cpu_forward_weight_grads) is timed beside them instead.
+    _, step, sync = _new_runner(acc, "eager", batch, True, False, keys=("train.cpu_forward_weight_grads=false",))
     batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     for i in range(2):                       # primitives created and cached before the step that is read
         step(batch_u8, i)
@@ -109,6 +141,9 @@ def measure(batch: int) -> dict:
             a @ a                           # which kernel a bf16 matmul gets, for comparison
         text = Path(log).read_text(errors="replace")
     result = parse(text)
+    for row in result["layers"]:
+        if row["pass"] == "backward weights":
+            row["as_conv_ms"] = time_weight_grad_as_conv(row)
     mm = re.search(r"primitive,exec,cpu,matmul,([^,]+),", text)
     result["matmul_kernel"] = mm.group(1) if mm else None
     result["matmul_tflops"] = {str(t).split(".")[1]: round(matmul_peak("cpu", t, reps=1) / 1e12, 3)
@@ -130,10 +165,14 @@ def main() -> None:
     print(f"one bf16 step, batch {args.batch_size}: convolutions {r['conv_ms']} ms, weight reorders "
           f"{r['reorder_ms']} ms; by pass: " + ", ".join(
               f"{k} {v['ms']:.0f} ms at {v['tflops']} TFLOP/s" for k, v in r["passes"].items()))
-    print(f"{'primitive':<13} {'pass':<16} {'shape':<58} {'calls':>5} {'ms':>7} {'TFLOP/s':>7} {'of mm':>5}  kernel")
+    print("as conv: the same weight gradient computed as one forward convolution over the batch")
+    print(f"{'primitive':<13} {'pass':<16} {'shape':<58} {'calls':>5} {'ms':>7} {'ms/call':>7} {'TFLOP/s':>7} "
+          f"{'of mm':>5} {'as conv':>7}  kernel")
     for row in r["layers"]:
+        alt = row.get("as_conv_ms")
         print(f"{row['primitive']:<13} {row['pass']:<16} {row['shape']:<58} {row['calls']:>5} {row['ms']:>7.1f} "
-              f"{row['tflops']:>7.3f} {row['tflops'] / peak:>5.0%}  {row['kernel']}")
+              f"{row['ms'] / row['calls']:>7.1f} {row['tflops']:>7.3f} {row['tflops'] / peak:>5.0%} "
+              f"{alt if alt is not None else '':>7}  {row['kernel']}")
     print(json.dumps(r))
 
 

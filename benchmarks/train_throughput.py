@@ -44,18 +44,18 @@ sys.path.insert(0, str(ROOT))
 ABLATION = ("legacy", "eager-nobench", "eager-foreach")
 
 
-def _config(batch: int, channels_last: bool):
+def _config(batch: int, channels_last: bool, keys: tuple[str, ...] = ()):
     from dcgan_dist.config import load_config
 
     return load_config(None, [f"data.batch_size={batch}", f"train.channels_last={channels_last}",
-                              "wandb.mode=disabled"])
+                              "wandb.mode=disabled", *keys])
 
 
-def _new_runner(acc, variant: str, batch: int, channels_last: bool, compile_: bool):
+def _new_runner(acc, variant: str, batch: int, channels_last: bool, compile_: bool, keys: tuple[str, ...] = ()):
     """The trainer's own runner (loop.build + loop.make_runner), changed only as the variant says."""
     from dcgan_dist.train import dist, loop
 
-    cfg = _config(batch, channels_last)
+    cfg = _config(batch, channels_last, keys)
     graph = variant == "graph"
     torch.backends.cudnn.benchmark = variant != "eager-nobench"
     stream = dist.graph_stream(acc, graph)

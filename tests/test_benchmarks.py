@@ -59,13 +59,16 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert report["train"][-1]["step"] == 6 and report["loader"]["images_per_s"] > 0
     assert report["scaling"]["gradient_mb"]["D"] > 0
     assert report["cpu"]["ours"]["threads"] == len(report["cpu"]["cores"]) and report["cpu"]["ours"]["images_per_s"] > 0
+    assert report["cpu"]["ours_onednn_weight_grads"]["images_per_s"] > 0     # the default's switch, measured off
     dnn = report["cpu"]["onednn"]                          # which kernels the convolutions really ran on
     assert dnn["isa"] and dnn["conv_kernels"] and min(dnn["matmul_tflops"].values()) > 0, dnn
     assert set(dnn["passes"]) == {"forward", "backward data", "backward weights"}, dnn["passes"]
-    # The step's 13 (de)convolutions; D runs forward 3 times (real, fake, G's step), its weights get 2 grads.
+    # All 13 (de)convolutions on oneDNN: D runs forward 3 times (real, fake, G's step); its weights get 2 grads.
     d2 = {r["pass"]: r["calls"] for r in dnn["layers"] if r["shape"].startswith("mb128_ic64oc128_ih32oh16")
           and r["primitive"] == "convolution"}
     assert d2 == {"forward": 3, "backward data": 3, "backward weights": 2}, dnn["layers"]
+    small = [r for r in dnn["layers"] if r["pass"] == "backward weights" and "ih8oh4" in r["shape"]]
+    assert small and all(r["as_conv_ms"] > 0 for r in small), small        # the forward form, timed beside
     assert all(r["tflops"] > 0 for r in dnn["layers"]) and dnn["conv_ms"] > 0
     assert report["cpu"]["amx"] or not dnn["conv_uses_amx"]
     kinds = report["cpu"]["profile"]["kinds"]             # a DCGAN step is convolutions, on any CPU
