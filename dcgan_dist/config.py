@@ -106,9 +106,9 @@ class TrainConfig:
               "container's CPU quota) / its ranks (`accelerate launch` would leave each rank 1 thread). "
               "Ignored on GPUs.", min=1)
     cpu_forward_weight_grads: bool = _opt(
-        True, "On CPU, compute the weight gradients of (de)convolutions whose small side is at most 4x4 as one "
-              "forward convolution over the batch: about 2x oneDNN's own kernel there (docs/PERFORMANCE.md 2). "
-              "Ignored on GPUs.")
+        True, "On CPU, compute the weight gradients of wide (de)convolutions (weights of 256x512x4x4 or more) "
+              "whose small side is at most 4x4 as one forward convolution over the batch: about 2x oneDNN's "
+              "own kernel there (docs/PERFORMANCE.md 2d). Ignored on GPUs.")
     deterministic: bool = _opt(False, "Deterministic cuDNN/cuBLAS kernels, no autotuning: slower; for "
                                       "exact-resume checks on a GPU.")
     ema_halflife_kimg: float = _opt(

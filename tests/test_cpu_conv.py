@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.models import build_models
+from dcgan_dist.train import cpu_conv
 from dcgan_dist.train.cpu_conv import (SwitchableConv2d, SwitchableConvTranspose2d, _SmallSideConv,
                                        use_forward_weight_grads, weight_grad_as_conv)
 
@@ -23,6 +24,12 @@ def test_the_weight_gradient_as_one_forward_conv_is_autograds():
     yt = nn.functional.conv_transpose2d(x, wt, stride=2, padding=1)             # 5, 3, 16, 16
     gt = torch.randn_like(yt)
     torch.testing.assert_close(weight_grad_as_conv(gt, x, 2, 1), torch.autograd.grad(yt, wt, gt)[0])
+
+
+@pytest.fixture
+def any_width(monkeypatch):
+    """Small layers for speed: let them switch too."""
+    monkeypatch.setattr(cpu_conv, "MIN_WEIGHT_ELEMENTS", 0)
 
 
 def _both(plain: nn.Module):
@@ -47,7 +54,8 @@ def _grads(layer, x, g, autocast):
     ("deconv", (6, 32, 4, 4)),        # G's 2nd layer in small: 4x4 -> 8x8 (switched)
     ("deconv", (6, 32, 1, 1)),        # G's first layer: stride 1, 1x1 -> 4x4 (switched)
 ])
-def test_a_switched_layer_gives_the_plain_layers_outputs_and_gradients(kind, shape, autocast, monkeypatch):
+def test_a_switched_layer_gives_the_plain_layers_outputs_and_gradients(kind, shape, autocast, monkeypatch,
+                                                                      any_width):
     torch.manual_seed(0)
     if kind == "conv":
         plain = nn.Conv2d(32, 24, 4, 2, 1, bias=False)
@@ -67,7 +75,16 @@ def test_a_switched_layer_gives_the_plain_layers_outputs_and_gradients(kind, sha
     assert switched.weight.grad.stride() == switched.weight.stride()          # the weight's own layout
 
 
-def test_switching_keeps_parameters_state_dict_and_the_eval_path():
+def test_only_the_paper_nets_wide_small_side_layers_switch():
+    G, D = build_models(100, 64, 64, 64)                 # the paper's 64 px nets
+    assert use_forward_weight_grads(G) == 1 and use_forward_weight_grads(D) == 1
+    assert [m.weight.shape for m in G.modules() if type(m) is SwitchableConvTranspose2d] == [(512, 256, 4, 4)]
+    assert [m.weight.shape for m in D.modules() if type(m) is SwitchableConv2d] == [(512, 256, 4, 4)]
+    G, D = build_models(100, 32, 32, 64)                 # the demo's: no layer is wide enough
+    assert use_forward_weight_grads(G) == 0 and use_forward_weight_grads(D) == 0
+
+
+def test_switching_keeps_parameters_state_dict_and_the_eval_path(any_width):
     G, D = build_models(16, 8, 8, 32)
     keys = (list(G.state_dict()), list(D.state_dict()))
     # Every (de)convolution takes the class; each call decides by its small side.

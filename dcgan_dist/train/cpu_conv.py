@@ -5,8 +5,10 @@ the two layers of the paper's 64 px nets whose small side is 4x4 (D 256->512 and
 0.17-0.18 TFLOP/s, under half the rate of oneDNN's forward kernels on the same shapes. The same gradient
 is itself a convolution: with the batch as its channels, the input (I, N, H, W) convolved by the output
 gradient (O, N, oh, ow), dilated by the stride, gives (I, O, k, k). On the 2-core EPYC that takes
-24 ms instead of 45-50 (benchmarks/onednn_step.py; docs/PERFORMANCE.md 2). On larger sides the forward
-form is slower, so only layers with a small side of at most 4x4 switch.
+24 ms instead of 45-50 (benchmarks/onednn_step.py; docs/PERFORMANCE.md 2d). On larger sides the forward
+form is slower, so only layers with a small side of at most 4x4 switch; and on narrower layers (the
+demo's 128->256) the kernel gains too little to survive the copies around it, so only weights of at
+least 256 x 512 x 4 x 4 do.
 
 The switch changes a layer's class, not its parameters: state dicts, checkpoints and DDP are as before,
 and without a gradient (sampling, the EMA copy) the layer is the plain one.
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_SIDE = 16          # positions (4 x 4): the largest small side for which the forward form was faster
+SMALL_SIDE = 16                  # positions (4 x 4): the largest small side where the forward form won
+MIN_WEIGHT_ELEMENTS = 256 * 512 * 16     # the smallest weight where it won end to end, not only per kernel
 
 
 def weight_grad_as_conv(x: torch.Tensor, g: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
@@ -83,15 +86,17 @@ class SwitchableConvTranspose2d(_Switchable, nn.ConvTranspose2d):
 
 
 def _eligible(m: nn.Module) -> bool:
-    return (type(m) in (nn.Conv2d, nn.ConvTranspose2d) and m.bias is None and m.groups == 1
+    return (type(m) in (nn.Conv2d, nn.ConvTranspose2d) and m.weight.numel() >= MIN_WEIGHT_ELEMENTS
+            and m.bias is None and m.groups == 1
             and m.dilation == (1, 1) and m.padding_mode == "zeros" and len(set(m.stride)) == 1
             and isinstance(m.padding, tuple) and len(set(m.padding)) == 1 and len(set(m.kernel_size)) == 1
             and getattr(m, "output_padding", (0, 0)) == (0, 0))
 
 
 def use_forward_weight_grads(model: nn.Module) -> int:
-    """Let every plain, bias-free, square (de)convolution in `model` take the forward form when its small
-    side is at most 4x4. Returns how many layers may switch."""
+    """Let every plain, bias-free, square (de)convolution in `model` with a weight of at least
+    MIN_WEIGHT_ELEMENTS take the forward form when its small side is at most 4x4. Returns how many
+    layers may switch."""
     switched = 0
     for m in model.modules():
         if _eligible(m):
