@@ -100,6 +100,21 @@ def test_parameters_identical_on_both_ranks(trained):
     assert replicas["digest"]["0"] == replicas["digest"]["1"]
 
 
+def test_forward_form_weight_grads_keep_two_ranks_identical(shards32, tmp_path):
+    """At ngf = ndf = 128, 32 px has the wide 4x4-side layers (D 256->512, G 512->256) that take the
+    forward-form weight gradient on CPU: DDP must all-reduce what that custom backward returns."""
+    out = accelerate_launch(["launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards32}",
+                             f"run_dir={tmp_path}", "model.resolution=32", "model.ngf=128", "model.ndf=128",
+                             "data.batch_size=8", "data.shuffle_buffer=64", "train.steps=4", "train.log_every=2",
+                             "train.sample_every=100", "train.ckpt_every=4", "train.num_samples=4",
+                             "eval.metrics="], timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((tmp_path / "run.json").read_text())["cpu_forward_weight_grad_layers"] == 2
+    replicas = json.loads((tmp_path / "checkpoints/step-00000004/replicas.json").read_text())
+    assert replicas["ranks"] == 2 and replicas["digest"]["0"] == replicas["digest"]["1"]
+    assert all(math.isfinite(r["loss_d"]) for r in metrics(tmp_path) if "loss_d" in r)
+
+
 def test_replica_check_fails_on_a_real_mismatch(tmp_path):
     out = accelerate_launch(["tests/scripts/diverge.py", tmp_path], timeout=200)
     assert out.returncode == 0, out.stdout + out.stderr

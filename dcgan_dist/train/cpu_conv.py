@@ -103,3 +103,8 @@ def use_forward_weight_grads(model: nn.Module) -> int:
             m.__class__ = SwitchableConvTranspose2d if isinstance(m, nn.ConvTranspose2d) else SwitchableConv2d
             switched += 1
     return switched
+
+
+def switched_layers(*models: nn.Module) -> int:
+    """How many layers of `models` may take the forward form: a fact of the run, saved with it."""
+    return sum(isinstance(m, _Switchable) for model in models for m in model.modules())

@@ -40,7 +40,7 @@ from dcgan_dist.snapshot import FILENAME as SNAPSHOT
 from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.track import Tracker, start_wandb
 from dcgan_dist.train import checkpoint, dist
-from dcgan_dist.train.cpu_conv import use_forward_weight_grads
+from dcgan_dist.train.cpu_conv import switched_layers, use_forward_weight_grads
 from dcgan_dist.train.evaluate import Evaluator
 from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
 
@@ -150,7 +150,8 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
     workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
     run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
                  "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
-                 "num_workers": workers, "dataset_count": manifest["count"]}
+                 "num_workers": workers, "dataset_count": manifest["count"],
+                 "cpu_forward_weight_grad_layers": switched_layers(nets.G_local, nets.D_local)}
     if accelerator.is_main_process:
         layout = RunLayout.of(cfg.run_dir)
         save_config(cfg, layout.config, facts=run_facts)
