@@ -2,7 +2,8 @@
 
     run_dir/
       config.yaml          the resolved config, schema keys only: `--config run_dir/config.yaml` reloads it
-      run.json             facts about the run: world size, precision, global batch, workers, dataset size
+      run.json             facts about the run: world size, precision, global batch, workers, dataset size,
+                           CPU layers with forward-form weight gradients
       LOCK                 while a job runs: which host and process hold this run_dir (runlock.py)
       metrics.jsonl        one JSON row per log step (training) and per evaluation ("eval/..." keys)
       checkpoints/step-XXXXXXXX/   full training state (checkpoint.py), and generator.safetensors, the
