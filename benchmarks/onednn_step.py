@@ -85,12 +85,12 @@ def parse(text: str) -> dict:
     rows = sorted(layers.values(), key=lambda r: -r["ms"])
     passes: dict[str, dict] = {}
     for r in rows:
-        r["tflops"] = round(r["gflop"] / r["ms"], 3) if r["ms"] else None     # GFLOP per ms = TFLOP/s
+        r["tflops"] = round(r["gflop"] / r["ms"], 4) if r["ms"] else 0.0      # GFLOP per ms = TFLOP/s
         p = passes.setdefault(r["pass"], {"ms": 0.0, "gflop": 0.0})
         p["ms"] += r["ms"]
         p["gflop"] += r["gflop"]
     for p in passes.values():
-        p["tflops"] = round(p["gflop"] / p["ms"], 3) if p["ms"] else None
+        p["tflops"] = round(p["gflop"] / p["ms"], 3) if p["ms"] else 0.0
     kernels = sorted({r["kernel"] for r in rows})
     isa = ISA.search(text)
     return {"isa": isa.group(1).strip() if isa else None, "conv_kernels": kernels,
