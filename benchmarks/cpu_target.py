@@ -36,24 +36,25 @@ def cpu_name_and_bf16_units() -> tuple[str, list[str]]:
     return (name.group(1).strip() if name else "unknown"), sorted(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
 
 
-def onednn_probe(threads: int, env: dict) -> dict:
-    """What the CPU really runs (benchmarks/onednn_step.py): oneDNN's ISA, the kernel and TFLOP/s of every
-    convolution in one bf16 step, and the matmul rate in bf16 and fp32, on these same cores."""
-    out = subprocess.run([sys.executable, "benchmarks/onednn_step.py", "--threads", str(threads)],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+def _last_json(cmd: list[str], env: dict) -> dict:
+    """Run a benchmark script from the repo root; its last line of JSON, or {"error": ...} if it failed."""
+    out = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def onednn_probe(threads: int, env: dict) -> dict:
+    """What the CPU really runs (benchmarks/onednn_step.py): oneDNN's ISA, the kernel and TFLOP/s of every
+    convolution in one bf16 step, and the matmul rate in bf16 and fp32, on these same cores."""
+    return _last_json(["benchmarks/onednn_step.py", "--threads", str(threads)], env)
+
+
 def step_profile(env: dict) -> dict:
     """Where the bare bf16 step's time goes on these cores (train_throughput.py --profile)."""
-    out = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--device", "cpu", "--profile",
-                          "--precisions", "bf16", "--batch-size", "128", "--steps", "3"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": out.stderr.strip()[-300:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])["profile"]
+    out = _last_json(["benchmarks/train_throughput.py", "--device", "cpu", "--profile", "--precisions", "bf16",
+                      "--batch-size", "128", "--steps", "3"], env)
+    return out.get("profile", out)
 
 
 def ours(shards: str, steps: int, env: dict, keys: tuple[str, ...] = ()) -> dict:

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from train_throughput import _new_runner, matmul_peak  # benchmarks/ is this script's folder
+from train_throughput import matmul_peak, warm_cpu_step  # benchmarks/ is this script's folder
 
 from dcgan_dist.train.cpu_conv import weight_grad_as_conv  # importable once train_throughput put the repo on sys.path
 
@@ -55,10 +55,15 @@ def onednn_verbose(path: str):
         os.close(saved)
 
 
+def dims(problem: str) -> dict[str, int]:
+    """oneDNN's problem string, e.g. mb128_ic64oc128_ih32oh16kh4sh2dh0ph1_iw32..., as {"mb": 128, ...}."""
+    return {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", problem)}
+
+
 def conv_flops(primitive: str, problem: str) -> int:
-    """Multiply-adds x 2 of a (de)convolution from oneDNN's problem string, e.g. mb128_ic64oc128_ih32oh16kh4...
-    The same count holds for its forward, backward-data and backward-weights passes."""
-    d = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", problem)}
+    """Multiply-adds x 2 of a (de)convolution from oneDNN's problem string. The same count holds for its
+    forward, backward-data and backward-weights passes."""
+    d = dims(problem)
     spatial = d["ih"] * d["iw"] if primitive == "deconvolution" else d["oh"] * d["ow"]  # the conv side
     return 2 * d["mb"] * d["ic"] * d["oc"] * d["kh"] * d["kw"] * spatial // d.get("g", 1)
 
@@ -103,14 +108,14 @@ def time_weight_grad_as_conv(row: dict, reps: int = 3) -> Optional[float]:
     small sides) for a backward-weights row's shape, bf16 channels_last, so that oneDNN's kernel can be
     set beside it on any CPU. A deconvolution's weight gradient is its equivalent convolution's, with
     input and output swapped."""
-    d = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", row["shape"])}
+    d = dims(row["shape"])
     if d.get("g", 1) != 1 or d["sh"] != d["sw"] or d["ph"] != d["pw"]:
         return None
     big, small = (d["ic"], d["ih"], d["iw"]), (d["oc"], d["oh"], d["ow"])
     if row["primitive"] == "deconvolution":
         big, small = small, big
-    x, g = (torch.randn(d["mb"], *dims, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            for dims in (big, small))
+    x, g = (torch.randn(d["mb"], *side, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            for side in (big, small))
     if weight_grad_as_conv(x, g, d["sh"], d["ph"]).shape[-2:] != (d["kh"], d["kw"]):
         return None
     best = float("inf")
@@ -122,21 +127,14 @@ def time_weight_grad_as_conv(row: dict, reps: int = 3) -> Optional[float]:
 
 
 def measure(batch: int) -> dict:
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
     # oneDNN's own kernels for every pass, the small-side weight gradients included: the forward form the
     # trainer uses for those (train.cpu_forward_weight_grads) is timed beside them instead.
-    _, step, sync = _new_runner(acc, "eager", batch, True, False, keys=("train.cpu_forward_weight_grads=false",))
-    batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    for i in range(2):                       # primitives created and cached before the step that is read
-        step(batch_u8, i)
-    sync()
+    step, sync = warm_cpu_step("bf16", batch, ("train.cpu_forward_weight_grads=false",))
     a = torch.randn(256, 256, dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         log = str(Path(tmp) / "onednn.log")
         with onednn_verbose(log):
-            step(batch_u8, 2)
+            step(2)
             sync()
             a @ a                           # which kernel a bf16 matmul gets, for comparison
         text = Path(log).read_text(errors="replace")

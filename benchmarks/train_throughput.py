@@ -120,21 +120,34 @@ def _kind(op: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in op for k in keys)), "other")
 
 
-def profile_step(precision: str, batch: int, steps: int, top: int = 12) -> dict:
-    """CPU self time per op over `steps` eager steps, per step, with each op's share and the shares by kind.
-    CPU only: on CUDA the time is in kernels whose names these kinds do not know."""
+def random_batch(batch: int) -> torch.Tensor:
+    """uint8 images in channels_last, as the loader hands them over."""
+    return torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+
+
+def warm_cpu_step(precision: str, batch: int, keys: tuple[str, ...] = ()):
+    """The trainer's eager CPU step on a random batch, after 2 warm-up steps (oneDNN's primitives are
+    created and cached by then). Returns `step(i)` for steps 2, 3, ... and `sync()`."""
     from accelerate import Accelerator
-    from torch.profiler import ProfilerActivity, profile
 
     acc = Accelerator(cpu=True, mixed_precision=precision)
-    _, step, sync = _new_runner(acc, "eager", batch, True, False)
-    batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    _, step, sync = _new_runner(acc, "eager", batch, True, False, keys)
+    batch_u8 = random_batch(batch)
     for i in range(2):
         step(batch_u8, i)
     sync()
+    return (lambda i: step(batch_u8, i)), sync
+
+
+def profile_step(precision: str, batch: int, steps: int, top: int = 12) -> dict:
+    """CPU self time per op over `steps` eager steps, per step, with each op's share and the shares by kind.
+    CPU only: on CUDA the time is in kernels whose names these kinds do not know."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, sync = warm_cpu_step(precision, batch)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(2, 2 + steps):
-            step(batch_u8, i)
+            step(i)
         sync()
     ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
     ops = sorted((o for o in ops if o[1] > 0), key=lambda o: -o[1])
@@ -156,7 +169,7 @@ def bare(device: str, precision: str, variant: str, batch: int, channels_last: b
         keep, step, sync = _legacy_runner(acc, batch, channels_last)
     else:
         keep, step, sync = _new_runner(acc, variant, batch, channels_last, compile_)
-    batch_u8 = torch.randint(0, 256, (batch, 64, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    batch_u8 = random_batch(batch)
     if device == "cuda":
         batch_u8 = batch_u8.pin_memory()             # what the loader hands over
         torch.cuda.reset_peak_memory_stats()

@@ -71,7 +71,8 @@ def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.St
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     if accelerator.device.type == "cpu" and cfg.train.cpu_forward_weight_grads:
-        use_forward_weight_grads(G), use_forward_weight_grads(D)
+        for net in (G, D):
+            use_forward_weight_grads(net)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     # Fused: one kernel per update, and it can skip an update on the device (found_inf), never syncing.
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=betas, fused=True)
