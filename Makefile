@@ -46,11 +46,14 @@ demo: setup $(SHARDS)/manifest.json
 # two jobs' OpenMP threads wait on one another (589 -> 503 s, same venv, same day).
 # --dist loadscope keeps each test module on one worker, so a module-scoped fixture (often a whole
 # 2-rank training run) is built once: spread by test, test_rescale's and test_launch's were built on both
-# workers (634 -> 574 s, 16.9 -> 13.0 min of worker time). `loadgroup` would group finer, but pytest 9.2
-# ignores the node ids xdist 3.8 rewrites for it, so it groups nothing.
+# workers (16.9 -> 13.0-14.0 min of worker time). `loadgroup` would group finer, but pytest 9.2
+# ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest modules are handed
+# out first (tests/conftest.py), so that both workers finish together. pytest on 2026-11-28, same host:
+# by test 620-634 s; by module in file order 574-647 s, one worker done 150 s before the other;
+# heaviest module first 535 s, both workers busy for 523 s.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The slow ones one at a time: the benchmark scripts they run launch on the default port.
 test-all: test

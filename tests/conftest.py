@@ -43,9 +43,22 @@ def on_all_cores() -> None:
     os.sched_setaffinity(0, ALL_CORES)
 
 
+# Seconds of worker time per module, measured on 2 vCPUs (2026-11-28); the rest take under 10 s each.
+HEAVY_MODULES = {"test_benchmarks": 190, "test_faults": 190, "test_cluster": 160, "test_launch": 150,
+                 "test_remote": 98, "test_generate": 81, "test_rescale": 79, "test_bad_input": 63}
+
+
+def heaviest_modules_first(items) -> None:
+    """`make test` hands each module to one worker whole (`--dist loadscope`, `--no-loadscope-reorder`),
+    one at a time as a worker runs low. Handing out the heaviest first lets the two workers finish
+    together: in file order one finished 150 s before the other. Tests keep their order within a module."""
+    items.sort(key=lambda item: -HEAVY_MODULES.get(item.module.__name__, 0))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    heaviest_modules_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; benchmarks/gpu_check.sh runs these on one")
