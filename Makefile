@@ -46,7 +46,7 @@ demo: setup $(SHARDS)/manifest.json
 # two jobs' OpenMP threads wait on one another (589 -> 503 s, same venv, same day).
 # --dist loadscope keeps each test module on one worker, so a module-scoped fixture (often a whole
 # 2-rank training run) is built once: spread by test, test_rescale's and test_launch's were built on both
-# workers (16.9 -> 13.0-14.0 min of worker time). `loadgroup` would group finer, but pytest 9.2
+# workers (16.9 -> 13.0-14.8 min of user CPU time over four runs). `loadgroup` would group finer, but pytest 9.2
 # ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest modules are handed
 # out first (tests/conftest.py), so that both workers finish together. pytest on 2026-11-28, same host:
 # by test 620-634 s; by module in file order 574-647 s, one worker done 150 s before the other;
