@@ -45,12 +45,13 @@ demo: setup $(SHARDS)/manifest.json
 # on them, so two overlap (648 -> 527 s). Each worker holds its own core (tests/conftest.py); unpinned,
 # two jobs' OpenMP threads wait on one another (589 -> 503 s, same venv, same day).
 # --dist loadscope keeps each test module on one worker, so a module-scoped fixture (often a whole
-# 2-rank training run) is built once: spread by test, test_rescale's and test_launch's were built on both
-# workers (16.9 -> 13.0-14.8 min of user CPU time over four runs). `loadgroup` would group finer, but pytest 9.2
-# ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest modules are handed
-# out first (tests/conftest.py), so that both workers finish together. pytest on 2026-11-28, same host:
-# by test 620-634 s; by module in file order 574-647 s, one worker done 150 s before the other;
-# heaviest module first 535, 564 and 567 s (in the first, each worker was busy for 523 s).
+# 2-rank training run) is built once: spread by test, test_rescale's and test_launch's were built on
+# both workers (16.9 -> 13.0-14.8 min of user CPU time over four runs). `loadgroup` would group finer,
+# but pytest 9.2 ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest
+# modules are handed out first (tests/conftest.py), so that both workers finish together. pytest on
+# 2026-11-28, same host: by test 620-634 s; by module in file order 574-647 s, one worker done 150 s
+# before the other; heaviest module first 535, 564 and 567 s (in the first, each worker was busy for 523
+# s).
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
