@@ -50,8 +50,8 @@ demo: setup $(SHARDS)/manifest.json
 # but pytest 9.2 ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest
 # modules are handed out first (tests/conftest.py), so that both workers finish together. pytest on
 # 2026-11-28, same host: by test 620-634 s; by module in file order 574-647 s, one worker done 150 s
-# before the other; heaviest module first 535, 564 and 567 s (in the first, each worker was busy for 523
-# s).
+# before the other; heaviest module first 535, 564 and 567 s (in the first, each worker was busy
+# for 523 s).
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
