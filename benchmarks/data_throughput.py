@@ -32,14 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
+from dcgan_dist.data.shards import ShardSet, read_manifest  # noqa: E402
 from dcgan_dist.data.stream import make_loader, stop_loader  # noqa: E402
 
 
 def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch.device) -> float:
-    manifest = read_manifest(shards)
-    loader = make_loader(shard_paths(shards, manifest), batch, manifest["resolution"], 0, 0, 1, workers,
-                         shuffle_buffer=2000, pin_memory=device.type == "cuda")
+    loader = make_loader(ShardSet.open(shards), batch, 0, 0, 1, workers, shuffle_buffer=2000,
+                         pin_memory=device.type == "cuda")
     it = iter(loader)
     try:
         for _ in range(3):                               # warm-up: workers start, shuffle buffer fills

@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from dcgan_dist import metrics  # noqa: E402
 from dcgan_dist.config import load_config  # noqa: E402
-from dcgan_dist.data.shards import read_manifest, shard_paths  # noqa: E402
+from dcgan_dist.data.shards import ShardSet, read_manifest  # noqa: E402
 from dcgan_dist.data.stream import first_images  # noqa: E402
+from dcgan_dist.layout import RunLayout  # noqa: E402
 from dcgan_dist.models import build_models  # noqa: E402
+from dcgan_dist.train.checkpoint import NETS, read_tensors  # noqa: E402
 
 VARIANTS = {
     "paper": [],
@@ -63,15 +65,12 @@ def train(name: str, overrides: list[str], args) -> Path:
 
 
 def load_generators(run_dir: Path, steps: int) -> dict[str, torch.nn.Module]:
-    from safetensors.torch import load_file
-
     cfg = load_config(run_dir / "config.yaml")
-    ckpt = run_dir / "checkpoints" / f"step-{steps:08d}"
+    tensors = read_tensors(RunLayout.of(run_dir).step_dir(steps), NETS)
     out = {}
-    for kind, state in (("raw", load_file(str(ckpt / "model.safetensors"))),
-                        ("ema", torch.load(ckpt / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))):
+    for kind, prefix in (("raw", "G."), ("ema", "ema.")):
         G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
-        G.load_state_dict(state)
+        G.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         out[kind] = G
     return out
 
@@ -95,13 +94,13 @@ def run_peer(args, reals_dir: Path) -> Path:
     return last
 
 
-def export_reals(shards: str, count: int, resolution: int, folder: Path) -> Path:
+def export_reals(shards: str, count: int, folder: Path) -> Path:
     """Every train image as a PNG under folder/all/, the layout torchvision's ImageFolder reads."""
     target = folder / "all"
     if target.is_dir() and len(list(target.iterdir())) == count:
         return folder
     target.mkdir(parents=True, exist_ok=True)
-    images = first_images(shard_paths(shards), count, resolution)
+    images = first_images(ShardSet.open(shards), count)
     for i, img in enumerate(images):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(target / f"{i:06d}.png")
     return folder
@@ -131,7 +130,7 @@ def main() -> None:
             sys.exit(f"error: --variants: unknown variant '{name}' (known: {', '.join(VARIANTS)})")
 
     n = args.num_images
-    reals = first_images(shard_paths(args.shards), 2 * n, manifest["resolution"])
+    reals = first_images(ShardSet.open(args.shards), 2 * n)
     inception = metrics.load_inception(None, torch.device("cpu"))
     real_feats = metrics.features(inception, reals[:n]) if inception else None
     z = torch.randn(n, 100, generator=torch.Generator().manual_seed(1_000_003))
@@ -160,7 +159,7 @@ def main() -> None:
             score(f"{name} ({kind} G)", metrics.generate_u8(G, z, 50, torch.device("cpu")),
                   {"overrides": VARIANTS[name], "train_seconds": seconds})
     if args.peer_main:
-        last = run_peer(args, export_reals(args.shards, args.count, manifest["resolution"], args.out / "peer_data"))
+        last = run_peer(args, export_reals(args.shards, args.count, args.out / "peer_data"))
         G, _ = build_models(100, 32, 32, manifest["resolution"])
         G.load_state_dict(torch.load(last, map_location="cpu", weights_only=True))
         seconds = float((last.parent / "train_seconds.txt").read_text())

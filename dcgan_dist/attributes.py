@@ -4,12 +4,14 @@ It picks the exemplars for the paper's face arithmetic (generate.py): among a po
 that most clearly show a concept such as "Smiling,~Male". Plain torch: no ranks, no Accelerate.
 
 Held out: every 10th image of the shards, in shard order. The file (`attributes.safetensors`, cached
-next to the shards) holds the weights and, in its metadata, the resolution, the attribute names, and the
+next to the shards) holds the weights and, in its metadata, the resolution, the attribute names, the
+digest of the manifest it was trained from (a set sharded again in place gets a new classifier), and the
 held-out accuracy and balanced accuracy per attribute.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES
-from dcgan_dist.data.shards import read_manifest, shard_paths
+from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import ordered_blocks
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
@@ -47,7 +49,7 @@ class AttributeNet(nn.Module):
 def labelled_images(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the shard set with its 40 attributes as 0/1: (N, 3, R, R) uint8, (N, 40) float."""
     images, labels = [], []
-    for block, sample in ordered_blocks(shard_paths(shards, read_manifest(shards))):
+    for block, sample in ordered_blocks(ShardSet.open(shards)):
         if "json" not in sample:
             continue
         records = json.loads(sample["json"])
@@ -102,11 +104,11 @@ def held_out_report(net: AttributeNet, images: torch.Tensor, labels: torch.Tenso
     return report
 
 
-def save_classifier(path: Path, net: AttributeNet, resolution: int, report: dict) -> None:
+def save_classifier(path: Path, net: AttributeNet, shard_set: ShardSet, report: dict) -> None:
     from safetensors.torch import save
 
-    meta = {"format": FORMAT, "resolution": str(resolution), "attributes": json.dumps(list(ATTRIBUTE_NAMES)),
-            "report": json.dumps(report)}
+    meta = {"format": FORMAT, "resolution": str(shard_set.resolution), "attributes": json.dumps(list(ATTRIBUTE_NAMES)),
+            "report": json.dumps(report), "manifest_digest": shard_set.digest}
     atomic_write_bytes(Path(path), save({k: v.contiguous() for k, v in net.state_dict().items()}, metadata=meta))
 
 
@@ -123,7 +125,8 @@ def load_classifier(path: Path) -> tuple[AttributeNet, dict]:
         raise UserError(f"'{path}': not a dcgan-dist attribute classifier (format {meta.get('format')!r})")
     net = AttributeNet()
     net.load_state_dict(load_file(str(path)))
-    return net.eval(), {"resolution": int(meta["resolution"]), "report": json.loads(meta["report"])}
+    return net.eval(), {"resolution": int(meta["resolution"]), "report": json.loads(meta["report"]),
+                        "manifest_digest": meta.get("manifest_digest")}
 
 
 def cached_path(shards: Path) -> Path:
@@ -131,12 +134,16 @@ def cached_path(shards: Path) -> Path:
 
 
 def classifier_for(shards: Path, progress: bool = True) -> tuple[AttributeNet, dict]:
-    """The classifier cached next to the shards, trained first if it is not there."""
-    path = cached_path(shards)
-    if not path.is_file():
-        resolution = read_manifest(Path(shards))["resolution"]
-        net, report = train_classifier(Path(shards), progress=progress)
-        save_classifier(path, net, resolution, report)
+    """The classifier cached next to the shards, trained first if it is not there or was trained on
+    another version of the set."""
+    path, shard_set = cached_path(shards), ShardSet.open(shards)
+    if path.is_file():
+        net, meta = load_classifier(path)
+        if meta["manifest_digest"] == shard_set.digest:
+            return net, meta
+        print(f"note: {path} was trained on another version of the shards; training it again", file=sys.stderr)
+    net, report = train_classifier(Path(shards), progress=progress)
+    save_classifier(path, net, shard_set, report)
     return load_classifier(path)
 
 

@@ -281,15 +281,18 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def save_config(cfg: Config, path: Path, facts: Optional[dict] = None) -> None:
-    """Write the resolved config atomically, schema keys only, so `--config path` reloads it as it is.
-    Facts about the run (world size, precision, ...) are not keys: they head the file as comments, for
-    the reader, and go to their own file for programs (layout.RunLayout.facts)."""
+    """Write the resolved config atomically, schema keys only, so `--config path` reloads it as it is,
+    except that credentials in it (a password in a URL, a token in a pipe: command) are written as ***:
+    the file is shared, the secret is not. Facts about the run (world size, precision, ...) are not
+    keys: they head the file as comments, for the reader, and go to their own file for programs
+    (layout.RunLayout.facts)."""
     from dcgan_dist.fsutil import atomic_write_text
+    from dcgan_dist.redact import redact_all
 
-    header = "".join(f"# {key}: {value}\n" for key, value in (facts or {}).items())
+    header = "".join(f"# {key}: {value}\n" for key, value in redact_all(facts or {}).items())
     if header:
         header = "# This run (facts, not config keys; also in run.json):\n" + header
-    atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, header + yaml.safe_dump(redact_all(cfg.to_dict()), sort_keys=False))
 
 
 def describe() -> str:

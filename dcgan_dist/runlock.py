@@ -8,7 +8,12 @@ HEARTBEAT_S seconds.
 A lock is stale, and is taken over with a note, when:
 - its holder was on this host, in this PID namespace, and that process is gone (or its PID now belongs
   to another process): decided at once;
-- otherwise (another machine or container), when it has had no heartbeat for STALE_AFTER_S seconds.
+- otherwise (another machine or container), when it has had no heartbeat for STALE_AFTER_S seconds. A
+  new job waits that long for a recent heartbeat to go stale or to beat again, instead of refusing: a
+  job restarted right after a kill (Kubernetes, Slurm requeue) must not count as a failure.
+
+A holder that stalls past STALE_AFTER_S (a stopped process, a hung mount) can find its lock taken over;
+it then stops before its next save (`check`), so two jobs never write one run_dir's checkpoints.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.host import process_start_ticks
 
 HEARTBEAT_S = 15.0
@@ -89,7 +94,8 @@ def stale_reason(holder: Holder, heartbeat_age_s: float, me: Optional[Holder] = 
 
 
 class RunLock:
-    """Held by global rank 0 from start to exit. `acquire` raises UserError if another job holds it."""
+    """Held by global rank 0 from start to exit. `acquire` waits out a lock that may be stale and raises
+    UserError if another job holds it; `check` raises RunStopped once another job has taken it over."""
 
     def __init__(self, path: Path, run_dir: str):
         self.path, self.run_dir = Path(path), run_dir
@@ -98,24 +104,54 @@ class RunLock:
         self._thread: Optional[threading.Thread] = None
 
     def acquire(self) -> None:
-        for _ in range(20):
+        """Take the lock. A holder on another machine or in another container whose heartbeat is recent
+        may be a job that was just killed (a pod restarted in a new PID namespace) or one still running:
+        wait, at most STALE_AFTER_S + 2 heartbeats, until it goes stale (take over) or beats again (refuse)."""
+        torn = 0
+        first_beat, deadline = None, time.monotonic() + STALE_AFTER_S + 2 * HEARTBEAT_S
+        while True:
             if self._create():
                 self._thread = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
                 self._thread.start()
                 return
             found = self._read()
             if found is None:                   # released, or half-written by a starting job: look again
+                torn += 1
+                if torn > 20:
+                    raise UserError(f"run_dir '{self.run_dir}': could not take '{self.path}'; another job keeps "
+                                    "replacing it")
                 time.sleep(0.25)
                 continue
-            holder, age = found
-            reason = stale_reason(holder, age, self.me)
-            if reason is None:
+            holder, beat = found
+            reason = stale_reason(holder, time.time() - beat, self.me)
+            if reason is not None:
+                print(f"note: taking over a stale lock on run_dir '{self.run_dir}' ({holder.describe()}): {reason}",
+                      file=sys.stderr, flush=True)
+                self._discard(holder)
+                continue
+            local = holder.host == self.me.host and holder.pid_ns == self.me.pid_ns
+            if local or (first_beat is not None and beat > first_beat) or time.monotonic() > deadline:
                 raise UserError(f"run_dir '{self.run_dir}' is in use by a running job ({holder.describe()}); "
                                 "stop that job or choose another run_dir")
-            print(f"note: taking over a stale lock on run_dir '{self.run_dir}' ({holder.describe()}): {reason}",
-                  file=sys.stderr, flush=True)
-            self._discard(holder)
-        raise UserError(f"run_dir '{self.run_dir}': could not take '{self.path}'; another job keeps replacing it")
+            if first_beat is None:
+                first_beat = beat
+                print(f"note: run_dir '{self.run_dir}' is locked by {holder.describe()}, last heartbeat "
+                      f"{time.time() - beat:.0f} s ago; waiting up to {STALE_AFTER_S - (time.time() - beat):.0f} s for "
+                      "it to go stale (a job that was killed) or to beat again (a job still running)",
+                      file=sys.stderr, flush=True)
+            time.sleep(min(1.0, HEARTBEAT_S / 4))
+
+    def check(self) -> None:
+        """Raise RunStopped if this job no longer holds the lock: it stalled past STALE_AFTER_S without a
+        heartbeat, and another job took run_dir over. Saving now would write and rotate checkpoints
+        beside that job's, so call this before every save."""
+        found = self._read()
+        if found is not None and found[0] == self.me:
+            return
+        who = found[0].describe() if found is not None else "no one (the lock file was removed)"
+        raise RunStopped(f"this job lost the lock on run_dir '{self.run_dir}' (now held by {who}), after "
+                         f"going more than {STALE_AFTER_S:.0f} s without a heartbeat; stopping without saving, so "
+                         "that the two jobs do not write over each other's checkpoints")
 
     def release(self) -> None:
         self._stop.set()
@@ -138,15 +174,15 @@ class RunLock:
         return True
 
     def _read(self) -> Optional[tuple[Holder, float]]:
-        """(holder, seconds since its last heartbeat), or None if there is no complete lock file."""
+        """(holder, time of its last heartbeat), or None if there is no complete lock file."""
         try:
-            age = time.time() - self.path.stat().st_mtime
-            return Holder.parse(self.path.read_text()), age
+            beat = self.path.stat().st_mtime
+            return Holder.parse(self.path.read_text()), beat
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError):
-            if age > STALE_AFTER_S:             # garbage nobody is finishing: a stale lock of no one
-                return Holder(host="?", pid=-1, since="unknown"), age
+            if time.time() - beat > STALE_AFTER_S:      # garbage nobody is finishing: a stale lock of no one
+                return Holder(host="?", pid=-1, since="unknown"), beat
             return None
 
     def _discard(self, holder: Holder) -> None:
@@ -165,17 +201,15 @@ class RunLock:
         aside.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
-        """Touch the lock while the job runs. Never raises: a storage hiccup must not stop training."""
-        warned = False
+        """Touch the lock while the job runs; stop touching once another job holds it (`check` then stops
+        this one before its next save). Never raises: a storage hiccup must not stop training."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 found = self._read()
                 if found is not None and found[0] != self.me:
-                    if not warned:
-                        print(f"warning: the lock on run_dir '{self.run_dir}' was taken by "
-                              f"{found[0].describe()}", file=sys.stderr, flush=True)
-                    warned = True
-                    continue
+                    print(f"warning: the lock on run_dir '{self.run_dir}' was taken by {found[0].describe()}; "
+                          "this job stops before its next checkpoint", file=sys.stderr, flush=True)
+                    return
                 os.utime(self.path)
             except OSError:
                 pass

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dcgan_dist.config import Config
 from dcgan_dist.fsutil import atomic_write_text
 from dcgan_dist.layout import RunLayout
+from dcgan_dist.redact import redact
 from dcgan_dist.report import grid_image
 
 
@@ -54,12 +55,17 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
                       entity=cfg.wandb.entity, name=cfg.wandb.name or Path(cfg.run_dir).name,
                       # Never prompt, never wait long for a network that is not there.
                       settings=wandb.Settings(init_timeout=60, console="off", silent=True))
+        # W&B stores the command line (sys.argv) in the run's metadata; a data.shards=... there may hold
+        # a credential, so it is shown the redacted one while the run starts.
+        argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
         try:
             accelerator.init_trackers(cfg.wandb.project, config=config_dict, init_kwargs={"wandb": kwargs})
             return attempt
         except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
             accelerator.trackers = []
             _warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        finally:
+            sys.argv = argv
     _warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
     return None
 

@@ -24,13 +24,13 @@ def main() -> None:
         raise UserError(f"--epochs: expected a positive count, got {args.epochs}")
 
     from dcgan_dist.attributes import cached_path, save_classifier, train_classifier
-    from dcgan_dist.data.shards import read_manifest
+    from dcgan_dist.data.shards import ShardSet
 
     shards = Path(args.shards)
-    resolution = read_manifest(shards)["resolution"]
+    shard_set = ShardSet.open(shards)
     net, report = train_classifier(shards, epochs=args.epochs)
     output = Path(args.output) if args.output else cached_path(shards)
-    save_classifier(output, net, resolution, report)
+    save_classifier(output, net, shard_set, report)
     print(f"held-out images: {report['held_out_images']}")
     print(f"{'attribute':<22} {'accuracy':>8} {'balanced':>8} {'positives':>9}")
     for name, r in report["attributes"].items():

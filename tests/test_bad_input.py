@@ -78,13 +78,28 @@ def damaged_shards(tmp_path, shards32):
     return out
 
 
-def test_truncated_shard_is_reported_skipped_counted_and_logged(damaged_shards, tmp_path):
+def test_truncated_shard_is_reported_left_out_counted_and_logged(damaged_shards, tmp_path):
     out = run(train_args(damaged_shards, tmp_path / "run", "train.steps=40", "data.num_workers=0"), timeout=200)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "train-000001.tar' does not match the sha256" in out.stderr
-    assert "skipping unreadable data in shard" in out.stderr and "train-000001.tar" in out.stderr
+    size = (damaged_shards / "train-000001.tar").stat().st_size
+    assert f"train-000001.tar' is {size} bytes, not the {2 * size}" in out.stderr
+    assert "training without it (counted in data_errors)" in out.stderr
+    assert "skipping unreadable data" not in out.stderr         # it is never read: nothing of it is trained on
     rows = read_metrics(tmp_path / "run")
-    assert rows[-1]["data_errors"] >= 1 and rows[-1]["step"] == 40
+    assert rows[-1]["data_errors"] == 1 and rows[-1]["step"] == 40
+
+
+def test_a_changed_shard_of_the_right_size_is_left_out_too(tmp_path, shards32):
+    d = tmp_path / "shards"
+    shutil.copytree(shards32, d)
+    victim = d / "train-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[-2000] ^= 0xFF                                         # one flipped byte, inside an image block
+    victim.write_bytes(bytes(data))
+    out = run(train_args(d, tmp_path / "run", "train.steps=3", "data.num_workers=0"), timeout=200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "train-000002.tar' does not match the sha256 in its manifest" in out.stderr
+    assert read_metrics(tmp_path / "run")[-1]["data_errors"] == 1
 
 
 def test_all_shards_unreadable_stops_cleanly(tmp_path, shards32):
@@ -94,7 +109,7 @@ def test_all_shards_unreadable_stops_cleanly(tmp_path, shards32):
         tar.write_bytes(b"\0" * 10 + b"garbage" * 100)
     line = one_error_line(run(train_args(out_dir, tmp_path / "run", "train.steps=5", "data.num_workers=1"),
                               timeout=120), 3)
-    assert "no readable samples in shards" in line
+    assert f"no shard of '{out_dir}' matches its manifest" in line
 
 
 @pytest.mark.parametrize("setup, needle", [

@@ -35,16 +35,19 @@ def train_keys(shards, run_dir, steps, **over) -> list[str]:
     return ["--config", "configs/demo.yaml", *overrides(keys)]
 
 
-def start_machines(args: list[str], port: int, tmp: Path, tag: str) -> list[subprocess.Popen]:
-    """Machine 0 and machine 1: `docker/entrypoint.sh ARGS` with the environment a container would get."""
+def start_machines(args: list[str], port: int, tmp: Path, tag: str, env: dict | None = None,
+                   prefix: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+    """Machine 0 and machine 1: `docker/entrypoint.sh ARGS` with the environment a container would get
+    (plus `env`), each started under `prefix[rank]` if given (a command that then runs the rest)."""
     machines = []
     for rank in (0, 1):
-        env = {**os.environ, **PATH_ENV, "NUM_MACHINES": "2", "MACHINE_RANK": str(rank),
-               "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": str(port), "GPUS_PER_MACHINE": "0",
-               "MIXED_PRECISION": "no"}
+        full_env = {**os.environ, **PATH_ENV, "NUM_MACHINES": "2", "MACHINE_RANK": str(rank),
+                    "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": str(port), "GPUS_PER_MACHINE": "0",
+                    "MIXED_PRECISION": "no", **(env or {})}
         out, err = (open(tmp / f"{tag}-machine{rank}.{s}", "w+") for s in ("out", "err"))
-        machines.append(subprocess.Popen([str(ROOT / "docker/entrypoint.sh"), *args], cwd=ROOT, env=env, stdout=out,
-                                         stderr=err, text=True, start_new_session=True))
+        cmd = [*(prefix or {}).get(rank, []), str(ROOT / "docker/entrypoint.sh"), *map(str, args)]
+        machines.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, text=True,
+                                         start_new_session=True))
     return machines
 
 

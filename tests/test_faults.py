@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, launch_cmd, overrides
+from conftest import ROOT, launch_cmd, overrides, saved_net
 from conftest import read_metrics as metrics
 
 
@@ -102,8 +102,7 @@ def assert_same_ema(run_dir: Path, expected_dir: Path, step: int = 24) -> None:
     """The EMA generator at the end: restored exactly on every resume, it matches the straight run's."""
     import torch
 
-    name = f"checkpoints/step-{step:08d}/custom_checkpoint_0.pkl"
-    got, expected = (torch.load(d / name, weights_only=True) for d in (run_dir, expected_dir))
+    got, expected = (saved_net(d / f"checkpoints/step-{step:08d}", "ema") for d in (run_dir, expected_dir))
     assert got.keys() == expected.keys()
     for key in got:
         assert torch.allclose(got[key].float(), expected[key].float(), atol=1e-5, rtol=0), key
@@ -137,7 +136,7 @@ def test_kill9_during_checkpoint_write_keeps_previous(shards32, tmp_path, uninte
     args = fp32_args(shards32, run_dir)
     proc = start(args, env={"DCGAN_FAULT_SLOW_SAVE": "6:60"})      # hold the step-6 save half written
     half_done = run_dir / "checkpoints" / ".tmp-step-00000006"
-    wait_for(lambda: (half_done / "model.safetensors").is_file(), proc, what="the step-6 save in progress")
+    wait_for(lambda: (half_done / "rng-0.json").is_file(), proc, what="the step-6 save in progress")
     kill_group(proc)
     assert not (run_dir / "checkpoints/step-00000006").exists()
     assert (run_dir / "checkpoints/step-00000003/COMPLETE").is_file()
@@ -152,14 +151,15 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped_by_name(shards32, tmp_pa
     args = fp32_args(shards32, run_dir, steps=9)
     finish(args)                                   # leaves step-6 and step-9 (keep_ckpts=2)
     corrupt = run_dir / "checkpoints/step-00000009"
-    model = corrupt / "model.safetensors"
+    model = corrupt / "nets.safetensors"
     model.write_bytes(model.read_bytes()[:100])
     incomplete = run_dir / "checkpoints/step-00000012"
     incomplete.mkdir()
     (incomplete / "model.safetensors").write_bytes(b"half")
     out = finish(fp32_args(shards32, run_dir))
     assert f"skipping incomplete checkpoint {incomplete}" in out.stderr
-    assert f"skipping unreadable checkpoint {corrupt}" in out.stderr
+    assert f"skipping unreadable checkpoint {corrupt} (rank 0: Unreadable: nets.safetensors does not match the " \
+           "size and sha256 in COMPLETE" in out.stderr
     assert "resuming from" in out.stdout and "step-00000006" in out.stdout
     assert_same_trace(metrics(run_dir), uninterrupted, "corrupt checkpoint fallback")
 

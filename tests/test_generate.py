@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run
+from conftest import run, saved_net
 from dcgan_dist.data.celeba import open_source
 from dcgan_dist.data.shards import write_shards
 from dcgan_dist.data.synthetic import write_celeba
@@ -69,7 +69,7 @@ def test_plain_torch_load_gives_the_trainers_samples(trained):
     G = Generator(nz=int(meta["nz"]), ngf=int(meta["ngf"]), resolution=int(meta["resolution"]))
     G.load_state_dict(load_file(str(path)))
     ema = Generator(nz=100, ngf=32, resolution=32)              # what the trainer samples from: its EMA
-    ema.load_state_dict(torch.load(trained / "checkpoints/step-00000300/custom_checkpoint_0.pkl", weights_only=True))
+    ema.load_state_dict(saved_net(trained / "checkpoints/step-00000300", "ema"))
     z = torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample(G, z), sample(ema, z))
     code = ("import sys; from dcgan_dist.snapshot import load_snapshot; G, meta = load_snapshot(sys.argv[1]); "

@@ -126,14 +126,13 @@ def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
 
 @gpu
 def test_loader_hands_over_pinned_batches(shards64):
-    from dcgan_dist.data.shards import read_manifest, shard_paths
+    from dcgan_dist.data.shards import ShardSet
     from dcgan_dist.data.stream import make_loader, stop_loader
     from dcgan_dist.train.dist import loader_workers
 
     workers = loader_workers(None, torch.device("cuda"))
     assert workers >= 1
-    loader = make_loader(shard_paths(shards64, read_manifest(shards64)), 32, 64, 0, 0, 1, workers, 64,
-                         pin_memory=True)
+    loader = make_loader(ShardSet.open(shards64), 32, 0, 0, 1, workers, 64, pin_memory=True)
     batches = iter(loader)
     try:
         images, _ = next(batches)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ALL_CORES, accelerate_launch, on_all_cores, run
+from conftest import ALL_CORES, accelerate_launch, on_all_cores, run, saved_net
 from conftest import read_metrics as metrics
 from wandb_file import config as wandb_config
 from wandb_file import history, run_ids
@@ -42,8 +42,9 @@ def test_two_ranks_exit_0_and_write_run(trained):
     assert f"threads={max(1, len(os.sched_getaffinity(0)) // 2)} " in out.stdout    # the cores, shared out
     assert "backend=gloo" in out.stdout and "mixed_precision=bf16" in out.stdout
     ckpt = run_dir / "checkpoints" / "step-00000012"
-    assert (ckpt / "COMPLETE").is_file() and (ckpt / "model.safetensors").is_file()
-    assert (ckpt / "random_states_1.pkl").is_file()                 # every rank's RNG is saved
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "nets.safetensors").is_file()
+    assert (ckpt / "rng-1.json").is_file()                          # every rank's RNG is saved
+    assert not list(ckpt.glob("*.pkl")) and not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pt"))
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000006", "step-00000012"]
     for name in ("reals.png", "fakes-00000000.png", "fakes-00000012.png", "real_vs_fake.png",
                  "loss_curves.png", "progress.gif"):
@@ -171,7 +172,7 @@ def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, 
 
     from dcgan_dist import metrics as m
     from dcgan_dist.config import load_config
-    from dcgan_dist.data.shards import shard_paths
+    from dcgan_dist.data.shards import ShardSet
     from dcgan_dist.data.stream import first_images
     from dcgan_dist.models import build_models
     from dcgan_dist.train.evaluate import EVAL_SEED_OFFSET
@@ -181,11 +182,11 @@ def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, 
     row = next(r for r in metrics(run_dir) if r["step"] == 12 and "eval/swd" in r)
     cfg = load_config(run_dir / "config.yaml")
     G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
-    G.load_state_dict(torch.load(run_dir / "checkpoints/step-00000012/custom_checkpoint_0.pkl", weights_only=True))
+    G.load_state_dict(saved_net(run_dir / "checkpoints/step-00000012", "ema"))
     z = torch.randn(cfg.eval.num_images, cfg.model.nz,
                     generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
     fakes = m.generate_u8(G, z, cfg.eval.batch_per_rank, torch.device("cpu"))
-    reals = first_images(shard_paths(shards32), cfg.eval.num_images, cfg.model.resolution)
+    reals = first_images(ShardSet.open(shards32), cfg.eval.num_images)
     mine = m.evaluate_images(reals, fakes, m.load_inception(None, torch.device("cpu")))
     assert {f"eval/{k}" for k in mine} <= set(row)
     for key, value in mine.items():
@@ -197,7 +198,7 @@ def test_best_checkpoint_follows_the_best_eval_and_survives_resume(trained):
     run_dir, first = trained
     assert first.returncode == 0
     best = run_dir / "checkpoints" / "best"
-    assert (best / "COMPLETE").is_file() and (best / "custom_checkpoint_0.pkl").is_file()
+    assert (best / "COMPLETE").is_file() and saved_net(best, "ema")
     state = json.loads((best / "trainer_state.json").read_text())
     evals = [r for r in metrics(run_dir) if "eval/swd" in r]
     key = state["best"]["metric"]

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, accelerate_launch, run
 from conftest import read_metrics as metrics
 from dcgan_dist.data import remote
-from dcgan_dist.data.shards import read_manifest, shard_paths
+from dcgan_dist.data.shards import ShardSet, fetch_shard, read_manifest, verify
 from dcgan_dist.data.stream import ordered_blocks
 from shard_server import ShardServer
 from test_faults import assert_same_trace, fp32_args, kill_group, last_step, start, wait_for
@@ -88,36 +88,30 @@ def test_resume_from_a_remote_set_is_exact_with_a_local_cache(served, local_trac
     out = accelerate_launch(args, timeout=300)
     assert out.returncode == 0 and "resuming from" in out.stdout, out.stderr[-3000:]
     assert_same_trace(metrics(run_dir), local_trace, f"remote resume after a kill at step {kill_at}")
-    cached = list((tmp_path / "cache").glob("set-*/*.tar"))
+    cached = list((tmp_path / "cache").glob("*.tar"))
     shas = {e["sha256"] for e in read_manifest(url)["shards"]}
-    assert cached and all(hashlib.sha256(p.read_bytes()).hexdigest() in shas for p in cached)
+    assert cached and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.stem in shas for p in cached)
 
 
 def test_cache_serves_later_passes_without_downloading(served, tmp_path):
     server, url = served
-    paths = shard_paths(url)
-    for _ in range(2):
-        got = [data for _, data in remote.fetch_ahead(paths, cache=tmp_path)]
-        assert all(isinstance(d, bytes) for d in got)
-    for name in ("train-000000.tar", "train-000003.tar"):
-        assert server.gets.count(f"/celeba32/{name}") >= 1
+    shards = ShardSet.open(url).shards
     before = len(server.gets)
-    list(remote.fetch_ahead(paths, cache=tmp_path))
-    assert len(server.gets) == before                # the third pass read local disk only
+    for _ in range(2):
+        assert all(isinstance(fetch_shard(s, tmp_path), bytes) for s in shards)
+    assert len(server.gets) == before + len(shards)      # each downloaded once; the second pass read local disk
 
 
 def test_eval_and_verification_read_the_remote_set(served, shards32, tmp_path):
     server, url = served
-    from dcgan_dist.data.shards import verify_shards
-
-    assert verify_shards(url, read_manifest(url)) == []
-    assert verify_shards(url, read_manifest(url), cache=tmp_path) == []      # the check fills the cache...
-    paths = shard_paths(url)
+    shards = list(ShardSet.open(url).shards)
+    assert verify(shards) == {}
+    assert verify(shards, cache=tmp_path) == {}              # the check fills the cache...
     before = len(server.gets)
-    list(remote.fetch_ahead(paths, cache=tmp_path))
+    assert all(isinstance(fetch_shard(s, tmp_path), bytes) for s in shards)
     assert len(server.gets) == before                    # ...so the loader downloads nothing again
-    local = [b.tobytes() for b, _ in ordered_blocks(shard_paths(shards32))]
-    assert [b.tobytes() for b, _ in ordered_blocks(shard_paths(url))] == local
+    local = [b.tobytes() for b, _ in ordered_blocks(ShardSet.open(shards32))]
+    assert [b.tobytes() for b, _ in ordered_blocks(ShardSet.open(url))] == local
 
 
 def test_shard_tool_uploads_one_by_one_with_the_manifest_last(celeba_parent, shards32, tmp_path):
@@ -134,11 +128,10 @@ def test_shard_tool_uploads_one_by_one_with_the_manifest_last(celeba_parent, sha
 
 def test_pipe_form_reads_through_a_command(shards32):
     location = f"pipe:cat {shards32}/{{name}}"
-    manifest = read_manifest(location)
-    paths = shard_paths(location, manifest)
-    assert paths[0] == f"pipe:cat {shards32}/train-000000.tar"
-    data = remote.fetch(paths[0])
-    assert hashlib.sha256(data).hexdigest() == manifest["shards"][0]["sha256"]
+    first = ShardSet.open(location).shards[0]
+    assert first.path == f"pipe:cat {shards32}/train-000000.tar"
+    data = remote.fetch(location, first.name, first.bytes)
+    assert hashlib.sha256(data).hexdigest() == first.sha256
     with pytest.raises(Exception, match=r"needs '\{name\}'"):
         remote.member("pipe:cat /somewhere", "manifest.json")
 
@@ -157,23 +150,26 @@ def test_bucket_urls_build_the_cli_commands():
 def test_bucket_without_cli_or_fsspec_backend_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))             # no aws, no gcloud
     monkeypatch.setattr(remote, "fsspec_filesystem", lambda url: None)
-    for url, cli in (("s3://bucket/celeba64/manifest.json", "aws"), ("gs://bucket/celeba64/manifest.json", "gcloud")):
-        with pytest.raises(OSError, match=f"'{cli}' not found: install it, or the fsspec backend"):
-            remote.fetch(url)
+    for url, cli in (("s3://bucket/celeba64/", "aws"), ("gs://bucket/celeba64/", "gcloud")):
+        with pytest.raises(remote.PermanentError, match=f"'{cli}' not found: install it, or the fsspec backend"):
+            remote.fetch(url, "manifest.json")
 
 
 def test_bucket_goes_through_fsspec_when_its_backend_is_installed(monkeypatch):
     calls = []
 
     class FileSystem:                                     # stands in for s3fs/gcsfs, which are not installed here
-        def cat_file(self, url):
-            calls.append(("cat", url))
-            return b"data"
+        def cat_file(self, url, start=None, end=None):
+            calls.append(("cat", url, start, end))
+            return b"data"[start:end]
 
         def pipe_file(self, url, data):
             calls.append(("pipe", url, data))
 
     monkeypatch.setattr(remote, "fsspec_filesystem", lambda url: FileSystem())
-    assert remote.fetch("gs://b/p/x.tar") == b"data"
-    remote.upload("s3://b/p/manifest.json", b"{}")
-    assert calls == [("cat", "gs://b/p/x.tar"), ("pipe", "s3://b/p/manifest.json", b"{}")]
+    assert remote.fetch("gs://b/p/", "x.tar", 4) == b"data"
+    with pytest.raises(OSError, match="cut short: 4 of the 9 bytes"):
+        remote.fetch("gs://b/p/", "x.tar", 9)
+    remote.upload("s3://b/p", "manifest.json", b"{}")
+    assert calls == [("cat", "gs://b/p/x.tar", 0, 5), ("cat", "gs://b/p/x.tar", 0, 10),   # capped at size + 1
+                     ("pipe", "s3://b/p/manifest.json", b"{}")]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import accelerate_launch, overrides
+from conftest import accelerate_launch, overrides, saved_net
 from conftest import read_metrics as metrics
 from dcgan_dist.ema import ema_beta
 
@@ -32,13 +32,11 @@ def state(run_dir, step):
 
 
 def ema(run_dir, step):
-    return torch.load(run_dir / f"checkpoints/step-{step:08d}/custom_checkpoint_0.pkl", weights_only=True)
+    return saved_net(run_dir / f"checkpoints/step-{step:08d}", "ema")
 
 
 def generator(run_dir, step):
-    from safetensors.torch import load_file
-
-    return load_file(run_dir / f"checkpoints/step-{step:08d}/model.safetensors")
+    return saved_net(run_dir / f"checkpoints/step-{step:08d}", "G")
 
 
 @pytest.fixture(scope="module")

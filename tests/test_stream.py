@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist.data.shards import read_manifest, shard_paths
+from dcgan_dist.data.shards import ShardSet, read_manifest
 from dcgan_dist.data.stream import ShufflePool, make_loader, stream_shards
 
 
 def batches(shards32, rank, n, workers, start_step=0, seed=0, world=2, batch=16):
-    loader = make_loader(shard_paths(shards32), batch, 32, seed, rank, world, workers, shuffle_buffer=64,
+    loader = make_loader(ShardSet.open(shards32), batch, seed, rank, world, workers, shuffle_buffer=64,
                          start_step=start_step)
     got = list(itertools.islice(iter(loader), n))
     assert all(bad == 0 for _, bad in got)
@@ -54,7 +54,7 @@ def test_restart_past_the_first_chunk_with_workers(shards32):
 
 
 def test_chunks_are_handed_over_as_pinned_views_of_one_chunk(shards32):
-    loader = make_loader(shard_paths(shards32), 16, 32, 0, 0, 1, 1, shuffle_buffer=64)
+    loader = make_loader(ShardSet.open(shards32), 16, 0, 0, 1, 1, shuffle_buffer=64)
     it = iter(loader)
     first, second = next(it)[0], next(it)[0]
     assert first.shape == second.shape == (16, 3, 32, 32)
@@ -96,7 +96,7 @@ def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
     data = bytearray(victim.read_bytes())
     data[member.offset_data:member.offset_data + 8] = b"garbage!"      # breaks the .npy magic, tar stays valid
     victim.write_bytes(bytes(data))
-    loader = make_loader(shard_paths(out), 16, 32, 0, 0, 1, 0, shuffle_buffer=32)
+    loader = make_loader(ShardSet.open(out), 16, 0, 0, 1, 0, shuffle_buffer=32)
     got = list(itertools.islice(iter(loader), 30))
     assert sum(bad for _, bad in got) >= 1
     assert all(images.shape == (16, 3, 32, 32) for images, _ in got)
@@ -105,3 +105,13 @@ def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
 def test_batches_come_channels_last(shards32):
     images = batches(shards32, 0, 1, 0)[0]
     assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_problems_met_while_the_shuffle_pool_fills_are_counted(tmp_path, shards32):
+    """A pool larger than the set reads every shard before the first batch: what it met there must
+    reach the first batch's count (it was zeroed, so a set with a broken shard reported no errors)."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards32, out)
+    (out / "train-000001.tar").write_bytes(b"\0" * 10 + b"garbage" * 100)
+    got = list(itertools.islice(iter(make_loader(ShardSet.open(out), 16, 0, 0, 1, 0, shuffle_buffer=2000)), 3))
+    assert got[0][1] >= 1

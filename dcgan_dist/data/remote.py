@@ -1,35 +1,51 @@
 """Shard sets that live elsewhere: `http(s)://host/prefix/`, `s3://bucket/prefix/`, `gs://bucket/prefix/`,
-or webdataset's `pipe:` form as a command template, `pipe:CMD ... {name} ...`, whose stdout is the file.
+or a command template, `pipe:CMD ... {name} ...`, whose stdout is the file.
 
 A set's files are named as on disk (`manifest.json`, `train-000000.tar`, ...) under the prefix. Reads
-are whole files: a shard is 5-20 MB, fetched ahead by a thread while the previous one is consumed
-(stream.py), and a download that fails part-way is simply fetched again, with backoff. s3:// and gs://
-go through fsspec (s3fs, gcsfs) where that is installed, else through the provider's CLI (aws,
-gcloud), which read their usual credentials from the environment.
+are whole files: a shard is 5-50 MB, fetched ahead by a thread while the previous one is consumed
+(stream.py). s3:// and gs:// go through fsspec (s3fs, gcsfs) where that is installed, else through the
+provider's CLI (aws, gcloud), which read their usual credentials from the environment.
+
+What comes back is not trusted (docs/TRUST.md):
+- a download is read up to the size the manifest gives and no further, within one deadline for the
+  whole file (TIMEOUT_S + its size at MIN_BYTES_PER_S), not a timeout per socket read;
+- HTTP redirects are followed only within the same scheme, and an HTTP 4xx is not retried;
+- a `pipe:` template is split into words once, as a shell would split it, and run without a shell:
+  `{name}` becomes part of one argument, whatever it holds. `$VAR` and `${VAR}` are expanded from
+  the environment (so that a token need not be written into the config); nothing else is interpreted.
 """
 from __future__ import annotations
 
-import hashlib
-import http.client
+import base64
 import os
+import select
 import shlex
 import subprocess
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, TypeVar, Union
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_bytes
+from dcgan_dist.redact import redact
 
 PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
-ATTEMPTS = int(os.environ.get("DCGAN_REMOTE_ATTEMPTS", "4"))     # tries per file; tests may lower it
+ATTEMPTS = int(os.environ.get("DCGAN_REMOTE_ATTEMPTS", "4"))       # tries per file; tests may lower it
 BACKOFF_S = float(os.environ.get("DCGAN_REMOTE_BACKOFF_S", "0.5"))   # doubles after each failure
-TIMEOUT_S = 60.0
-AHEAD = 2                                                        # shards fetched ahead of the reader
+TIMEOUT_S = float(os.environ.get("DCGAN_REMOTE_TIMEOUT_S", "60"))   # a download's fixed allowance
+MIN_BYTES_PER_S = 1 << 20           # ... plus its size at this rate: a 12 MB shard gets 72 s in all
+MAX_UNSIZED_BYTES = 64 << 20        # a file the manifest gives no size for (the manifest itself)
+AHEAD = 2                           # shards fetched ahead of the reader
+T = TypeVar("T")
+
+
+class PermanentError(OSError):
+    """A failure that another try would only repeat (HTTP 4xx, a refused redirect, a missing CLI)."""
 
 
 def is_remote(location: Union[str, os.PathLike]) -> bool:
@@ -37,13 +53,28 @@ def is_remote(location: Union[str, os.PathLike]) -> bool:
 
 
 def member(location: str, name: str) -> str:
-    """Where file `name` of the set at `location` is: a URL, or for pipe: the command to run."""
+    """Where file `name` of the set at `location` is, as text: a URL, or for pipe: the command."""
     if location.startswith("pipe:"):
-        if "{name}" not in location:
-            raise UserError(f"data.shards '{location}': a pipe: set needs '{{name}}' where the file name goes, "
-                            "e.g. pipe:curl -fsS https://host/celeba64/{name}")
-        return location.replace("{name}", shlex.quote(name))
+        return "pipe:" + shlex.join(pipe_argv(location, name))
+    if location.startswith(("http://", "https://")):
+        parts = urlsplit(location)                 # the name goes into the path; a ?token=... stays last
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
     return location.rstrip("/") + "/" + name
+
+
+def pipe_argv(location: str, name: str) -> list[str]:
+    """The command for file `name` of a `pipe:` set: the template's words, `{name}` replaced inside them."""
+    template = location[len("pipe:"):]
+    if "{name}" not in template:
+        raise UserError(f"data.shards '{redact(location)}': a pipe: set needs '{{name}}' where the file name "
+                        "goes, e.g. pipe:curl -fsS https://host/celeba64/{name}")
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise UserError(f"data.shards '{redact(location)}': cannot split the pipe: command into words ({exc})") from None
+    if not words:
+        raise UserError(f"data.shards '{redact(location)}': the pipe: command is empty")
+    return [os.path.expandvars(word).replace("{name}", name) for word in words]
 
 
 def read_command(url: str) -> list[str]:
@@ -77,91 +108,198 @@ def fsspec_filesystem(url: str):
     return fsspec.filesystem(url[:2])
 
 
-def fetch(url: str) -> bytes:
-    """One attempt at the whole file. Every failure, a cut-off download included, is an OSError."""
-    if url.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                return response.read()       # raises IncompleteRead if the body stops short of its length
-        except http.client.HTTPException as exc:
-            raise OSError(f"{type(exc).__name__}: {exc}") from None
-    if url.startswith("pipe:"):
-        return _run(url[len("pipe:"):], shell=True)
-    fs = fsspec_filesystem(url)
-    return fs.cat_file(url) if fs is not None else _run(read_command(url))
+def deadline_s(size: Optional[int]) -> float:
+    return TIMEOUT_S + (size if size is not None else 0) / MIN_BYTES_PER_S
 
 
-def upload(url: str, data: bytes) -> None:
-    if url.startswith(("http://", "https://")):
-        request = urllib.request.Request(url, data=data, method="PUT",
-                                         headers={"Content-Type": "application/octet-stream"})
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-            response.read()
-    elif url.startswith("pipe:"):
-        _run(url[len("pipe:"):], shell=True, stdin=data)
+def fetch(location: str, name: str, size: Optional[int] = None) -> bytes:
+    """One attempt at file `name` of the set at `location`: exactly `size` bytes when given (the
+    manifest's), else at most MAX_UNSIZED_BYTES. Every failure is an OSError, a short or long read too."""
+    limit = size if size is not None else MAX_UNSIZED_BYTES
+    deadline = time.monotonic() + deadline_s(size)
+    if location.startswith("pipe:"):
+        data = _run(pipe_argv(location, name), limit, deadline)
     else:
-        fs = fsspec_filesystem(url)
-        if fs is not None:
-            fs.pipe_file(url, data)
+        url = member(location, name)
+        if url.startswith(("http://", "https://")):
+            data = _http_get(url, limit, deadline)
         else:
-            _run(write_command(url), stdin=data)
+            fs = fsspec_filesystem(url)
+            data = fs.cat_file(url, start=0, end=limit + 1) if fs is not None else _run(read_command(url), limit, deadline)
+    if len(data) > limit:
+        raise OSError(f"more than the {limit} bytes expected")
+    if size is not None and len(data) != size:
+        raise OSError(f"cut short: {len(data)} of the {size} bytes its manifest gives")
+    return data
 
 
-def _run(cmd, shell: bool = False, stdin: Optional[bytes] = None) -> bytes:
-    name = cmd.split()[0] if shell else cmd[0]
+def upload(location: str, name: str, data: bytes) -> None:
+    """One attempt at storing `data` as file `name` of the set at `location`."""
+    deadline = time.monotonic() + deadline_s(len(data))
+    if location.startswith("pipe:"):
+        _run(pipe_argv(location, name), 0, deadline, stdin=data)
+        return
+    url = member(location, name)
+    if url.startswith(("http://", "https://")):
+        request, timeout = _request(url, deadline, data=data, method="PUT")
+        request.add_header("Content-Type", "application/octet-stream")
+        with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
+            _read_capped(response.read1, 1 << 20, deadline)
+        return
+    fs = fsspec_filesystem(url)
+    if fs is not None:
+        fs.pipe_file(url, data)
+    else:
+        _run(write_command(url), 0, deadline, stdin=data)
+
+
+class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
+    """https -> http would hand the rest of the exchange to anyone on the path: refuse it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urlsplit(req.full_url).scheme, urlsplit(newurl).scheme
+        if new != old:
+            raise PermanentError(f"refused a redirect from {old} to {new} ({redact(newurl)})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameSchemeRedirects)
+
+
+def _request(url: str, deadline: float, **kwargs) -> tuple[urllib.request.Request, float]:
+    """A request for `url` with any user:password in it sent as Basic auth (never to a redirect's
+    target), and the socket timeout that keeps one read within the deadline."""
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=host)), **kwargs)
+    if userinfo:
+        token = base64.b64encode(unquote(userinfo).encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request, max(0.1, min(TIMEOUT_S, deadline - time.monotonic()))
+
+
+class _http_errors:
+    """HTTP failures as OSErrors whose text is the status line; a 4xx (bar 408 and 429) as permanent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, urllib.error.HTTPError):
+            permanent = 400 <= exc.code < 500 and exc.code not in (408, 429)
+            raise (PermanentError if permanent else OSError)(f"HTTP {exc.code} {exc.reason}") from None
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, PermanentError):
+            raise exc.reason from None
+        if exc is not None and not isinstance(exc, OSError) and type(exc).__module__ == "http.client":
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+        return False
+
+
+def _http_get(url: str, limit: int, deadline: float) -> bytes:
+    request, timeout = _request(url, deadline)
+    with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
+        data = _read_capped(response.read1, limit, deadline)
+        promised = response.headers.get("Content-Length")
+    if promised is not None and promised.isdigit() and int(promised) != len(data):
+        raise OSError(f"cut short: {len(data)} of the {promised} bytes the server announced")
+    return data
+
+
+def _read_capped(read1: Callable[[int], bytes], limit: int, deadline: float) -> bytes:
+    """read1() until EOF; an OSError once more than `limit` bytes came or the deadline passed."""
+    chunks, total = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise OSError(f"not finished within its deadline ({total} bytes in)")
+        chunk = read1(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise OSError(f"more than the {limit} bytes expected")
+        chunks.append(chunk)
+
+
+def _run(argv: list[str], limit: int, deadline: float, stdin: Optional[bytes] = None) -> bytes:
+    """Run `argv` (no shell) and return its stdout, at most `limit` bytes, within the deadline."""
+    name = argv[0]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=errors)
+        except FileNotFoundError:
+            raise PermanentError(f"'{name}' not found: install it, or the fsspec backend (pip install s3fs / "
+                                 "gcsfs)") from None
+        except OSError as exc:
+            raise PermanentError(f"cannot run '{name}' ({exc.strerror})") from None
+        if stdin is not None:
+            threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+        try:
+            out = _read_pipe(proc.stdout, limit, deadline, name)
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            proc.kill()
+            proc.wait()
+            raise exc if isinstance(exc, OSError) else OSError(f"'{name}' not finished within its deadline") from None
+        finally:
+            proc.stdout.close()
+        if code != 0:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise OSError(f"'{name}' exited {code}: {redact(lines[-1]) if lines else 'no message'}")
+    return out
+
+
+def _feed(pipe, data: bytes) -> None:
     try:
-        out = subprocess.run(cmd, shell=shell, input=stdin, capture_output=True, timeout=10 * TIMEOUT_S)
-    except FileNotFoundError:
-        raise OSError(f"'{name}' not found: install it, or the fsspec backend (pip install s3fs / gcsfs)") from None
-    except subprocess.TimeoutExpired:
-        raise OSError(f"'{name}' timed out") from None
-    if out.returncode != 0:
-        lines = out.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"'{name}' exited {out.returncode}: {lines[-1] if lines else 'no message'}")
-    return out.stdout
+        pipe.write(data)
+        pipe.close()
+    except OSError:
+        pass                                   # the command exited early; its exit code says why
 
 
-def with_retries(action: Callable[[], bytes], what: str, on_retry: Optional[Callable[[str], None]] = None) -> bytes:
-    """`action()`, tried ATTEMPTS times with exponential backoff; the last OSError says how many tries."""
+def _read_pipe(pipe, limit: int, deadline: float, name: str) -> bytes:
+    fd, chunks, total = pipe.fileno(), [], 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise OSError(f"'{name}' not finished within its deadline ({total} bytes in)")
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise OSError(f"'{name}' wrote more than the {limit} bytes expected")
+        chunks.append(chunk)
+
+
+def with_retries(action: Callable[[], T], what: str, on_retry: Optional[Callable[[str], None]] = None) -> T:
+    """`action()`, tried ATTEMPTS times with exponential backoff; the last OSError says how many tries.
+    A PermanentError is not tried again. `what` is shown redacted."""
     for attempt in range(ATTEMPTS):
         try:
             return action()
+        except PermanentError as exc:
+            raise PermanentError(f"{exc} (not retried)") from None
         except OSError as exc:
             reason = str(exc.reason if isinstance(exc, urllib.error.URLError) else exc) or type(exc).__name__
             if attempt == ATTEMPTS - 1:
                 raise OSError(f"{reason} (tried {ATTEMPTS} times)") from None
             if on_retry is not None:
-                on_retry(f"{what}: {reason}; retrying")
+                on_retry(f"{redact(what)}: {reason}; retrying")
             time.sleep(BACKOFF_S * 2 ** attempt)
     raise AssertionError("unreachable")
 
 
-def fetch_ahead(urls: list[str], on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None
-                ) -> Iterator[tuple[str, Union[bytes, OSError]]]:
-    """(url, its bytes or the error that stopped it), in order, with the next AHEAD files downloading
-    in threads while the caller reads the current one. With `cache`, a folder on local disk, each file
-    is kept there once downloaded and read from there on later passes."""
-    def get(url: str) -> Union[bytes, OSError]:
-        local = cache / (hashlib.sha1(url.encode()).hexdigest()[:24] + ".tar") if cache is not None else None
-        if local is not None and local.is_file():
-            return local.read_bytes()
-        try:
-            data = with_retries(lambda: fetch(url), url, on_retry)
-        except OSError as exc:
-            return exc
-        if local is not None:
-            try:
-                atomic_write_bytes(local, data)
-            except OSError:
-                pass                      # a full or read-only cache only costs the next download
-        return data
-
+def fetch_ahead(jobs: list[T], get: Callable[[T], Union[bytes, OSError]]) -> Iterator[tuple[T, Union[bytes, OSError]]]:
+    """(job, get(job)) in order, with the next AHEAD jobs running in threads while the caller reads the
+    current one; `get` returns the error that stopped it rather than raising."""
     pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="shard-fetch")
     try:
-        pending = deque(pool.submit(get, u) for u in urls[:AHEAD])
-        for i, url in enumerate(urls):
-            if i + AHEAD < len(urls):
-                pending.append(pool.submit(get, urls[i + AHEAD]))
-            yield url, pending.popleft().result()
+        pending = deque(pool.submit(get, j) for j in jobs[:AHEAD])
+        for i, job in enumerate(jobs):
+            if i + AHEAD < len(jobs):
+                pending.append(pool.submit(get, jobs[i + AHEAD]))
+            yield job, pending.popleft().result()
     finally:                   # a reader that stops early (training ended) starts no further downloads
         pool.shutdown(wait=False, cancel_futures=True)

@@ -18,16 +18,19 @@ manifest comes last, so its presence means the set is complete.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
+import itertools
 import json
+import queue
+import re
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -37,6 +40,7 @@ from dcgan_dist.data import remote
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
+from dcgan_dist.redact import redact
 
 MANIFEST = "manifest.json"
 FORMAT = "dcgan-dist-shards/2"
@@ -97,7 +101,8 @@ def _write_shard(task: tuple) -> dict:
 def write_shards(source: Source, output: Path, resolution: int, split: str, shard_size: int = 1000,
                  workers: int = 1, max_skip_fraction: float = 0.01, progress: bool = True,
                  images_per_block: int = IMAGES_PER_BLOCK, on_shard: Optional[Callable[[Path], None]] = None) -> dict:
-    """`on_shard(path)` is called in this process as each shard is complete on disk (to upload it)."""
+    """`on_shard(path)` is called in this process as each shard is complete on disk (to upload it); no
+    new shard is started meanwhile, so at most `workers + 1` finished shards ever wait for it."""
     output = Path(output)
     _check_writable(output)
     items = source.items
@@ -108,19 +113,44 @@ def write_shards(source: Source, output: Path, resolution: int, split: str, shar
              for i, chunk in enumerate(chunks)]
     entries = []
     bar = tqdm(total=len(items), desc=f"sharding {split}", unit="img", disable=not progress)
-    parallel = workers > 1 and len(tasks) > 1
-    with get_context("spawn").Pool(min(workers, len(tasks))) if parallel else contextlib.nullcontext() as pool:
-        for entry in pool.imap_unordered(_write_shard, tasks) if parallel else map(_write_shard, tasks):
-            entries.append(entry)
-            bar.update(entry["count"] + len(entry["skipped"]))
-            if on_shard is not None:
-                on_shard(output / entry["name"])
+    window = workers + 1 if on_shard is not None else 2 * workers
+    for entry in _encode(tasks, workers, window):
+        entries.append(entry)
+        bar.update(entry["count"] + len(entry["skipped"]))
+        if on_shard is not None:
+            on_shard(output / entry["name"])
     bar.close()
     entries.sort(key=lambda e: e["name"])
     fsync_dir(output)
     image = {"ext": "npy", "layout": "uint8 blocks, N x R x R x 3 (RGB)", "images_per_block": images_per_block,
              "crop": CROP_DOC}
     return _finish_manifest(source, output, resolution, split, entries, max_skip_fraction, image)
+
+
+def _encode(tasks: list[tuple], workers: int, window: int) -> Iterator[dict]:
+    """Each task's manifest entry as its shard is done, in `workers` processes, with at most `window`
+    tasks started and not yet handed back: a caller that uploads each shard holds the encoding back
+    (a pool's imap would run ahead and pile every finished shard up on local disk)."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(_write_shard, tasks)
+        return
+    done: queue.Queue = queue.Queue()
+    todo = iter(tasks)
+    with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        def start(n: int) -> int:
+            started = 0
+            for task in itertools.islice(todo, n):
+                pool.apply_async(_write_shard, (task,), callback=done.put, error_callback=done.put)
+                started += 1
+            return started
+
+        in_flight = start(window)
+        while in_flight:
+            entry = done.get()
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry
+            in_flight += start(1) - 1
 
 
 def _finish_manifest(source: Source, output: Path, resolution: int, split: str, entries: list[dict],
@@ -155,36 +185,115 @@ def _check_writable(output: Path) -> None:
         raise UserError(f"output '{output}': not writable ({exc.strerror})") from None
 
 
+# ----------------------------------------------------------------------------------------------------
+# Reading a set. Nothing in a manifest or a shard is trusted unchecked (docs/TRUST.md): names must be
+# plain file names, sizes and counts must fit the format, and every shard's bytes must match the
+# manifest's sha256 before they are read.
+
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.tar$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+NPY_HEADER_MAX = 4096              # np.save writes 128 bytes for these arrays; anything near this is forged
+JSON_PER_IMAGE_MAX = 8192          # one record: key, 40 attributes, identity, split, source file name
+TAR_OVERHEAD = 1024                # a tar header and padding per member, plus the end-of-archive blocks
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a set, as its manifest describes it."""
+
+    location: str                   # the set's: a folder, a URL prefix or a pipe: template
+    name: str                       # a plain file name (SHARD_NAME)
+    bytes: int
+    sha256: str
+    count: int
+
+    @property
+    def remote(self) -> bool:
+        return remote.is_remote(self.location)
+
+    @property
+    def path(self) -> str:
+        """The local file, or the URL (the command, for pipe:) it is read from."""
+        return remote.member(self.location, self.name) if self.remote else str(Path(self.location) / self.name)
+
+    @property
+    def shown(self) -> str:
+        """`path` as messages show it: without credentials."""
+        return redact(self.path)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A checked manifest and its shards: what the loader, the evaluator and the classifier read."""
+
+    location: str
+    manifest: dict
+    shards: tuple[Shard, ...]
+
+    @classmethod
+    def open(cls, location: Union[str, Path]) -> "ShardSet":
+        manifest = read_manifest(location)
+        shards = tuple(Shard(str(location), e["name"], e["bytes"], e["sha256"], e["count"]) for e in manifest["shards"])
+        return cls(str(location), manifest, shards)
+
+    @property
+    def resolution(self) -> int:
+        return self.manifest["resolution"]
+
+    @property
+    def digest(self) -> str:
+        return manifest_digest(self.manifest)
+
+    def member_limits(self) -> dict[str, int]:
+        """The largest .npy and .json tar member a block of this set can be."""
+        n, r = self.manifest["image"]["images_per_block"], self.resolution
+        return {"npy": NPY_HEADER_MAX + n * r * r * 3, "json": n * JSON_PER_IMAGE_MAX}
+
+    def without(self, names: set[str]) -> "ShardSet":
+        return ShardSet(self.location, self.manifest, tuple(s for s in self.shards if s.name not in names))
+
+
+def manifest_digest(manifest: dict) -> str:
+    """What a set's caches are keyed by: a set sharded again in place gets a new one."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_manifest(shards: Union[str, Path]) -> dict:
-    """Load and sanity-check manifest.json, from a folder or a remote set (remote.py); every problem is
-    a one-line UserError naming the path or URL."""
+    """Load and check manifest.json, from a folder or a remote set (remote.py); every problem is a
+    one-line UserError naming the path or URL."""
     if remote.is_remote(shards):
-        url = remote.member(str(shards), MANIFEST)
+        where = redact(remote.member(str(shards), MANIFEST))
         try:
-            text = remote.with_retries(lambda: remote.fetch(url), url).decode()
-        except OSError as exc:
-            raise UserError(f"data.shards '{shards}': cannot read '{url}' ({exc})") from None
-        return _check_manifest(text, url, lambda name: True)
+            text = remote.with_retries(lambda: remote.fetch(str(shards), MANIFEST), where).decode()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"data.shards '{redact(str(shards))}': cannot read '{where}' ({exc})") from None
+        return _check_manifest(text, where, lambda name: True)
     shards_dir = Path(shards)
     path = shards_dir / MANIFEST
     if not shards_dir.is_dir():
         raise UserError(f"data.shards '{shards_dir}': no such directory (make it with launch/shard.py)")
     if not path.is_file():
         raise UserError(f"data.shards '{shards_dir}': no {MANIFEST} (make the shards with launch/shard.py)")
+    if path.stat().st_size > remote.MAX_UNSIZED_BYTES:
+        raise UserError(f"'{path}': {path.stat().st_size} bytes, more than a manifest can be "
+                        f"({remote.MAX_UNSIZED_BYTES})")
     return _check_manifest(path.read_text(), str(path), lambda name: (shards_dir / name).is_file())
 
 
-def _check_manifest(text: str, path: str, exists) -> dict:
+def _check_manifest(text: str, path: str, exists: Callable[[str], bool]) -> dict:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}': not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"'{path}': not a {FORMAT} manifest")
     if manifest.get("format") in OLD_FORMATS:
         raise UserError(f"'{path}': shards in the older format {manifest['format']} (one JPEG per sample); "
                         f"re-shard with launch/shard.py to get {FORMAT}")
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
         raise UserError(f"'{path}': not a {FORMAT} manifest")
-    if manifest["count"] <= 0 or not manifest["shards"]:
+    _check_fields(manifest, path)
+    if manifest["count"] == 0 or not manifest["shards"]:
         raise UserError(f"'{path}': the shard set is empty (count 0)")
     for entry in manifest["shards"]:
         if not exists(entry["name"]):
@@ -192,48 +301,130 @@ def _check_manifest(text: str, path: str, exists) -> dict:
     return manifest
 
 
-def shard_paths(shards: Union[str, Path], manifest: Optional[dict] = None) -> list[str]:
-    """Every shard's path, or URL (pipe: command) for a remote set."""
-    manifest = manifest or read_manifest(shards)
-    if remote.is_remote(shards):
-        return [remote.member(str(shards), e["name"]) for e in manifest["shards"]]
-    return [str(Path(shards) / e["name"]) for e in manifest["shards"]]
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def verify_shards(shards: Union[str, Path], manifest: dict, cache: Optional[Path] = None) -> list[str]:
-    """Check every shard's sha256 against the manifest; warn for each mismatch and return their names.
+def _check_fields(manifest: dict, path: str) -> None:
+    """Every field the readers use, with the type and range the format allows: a manifest is data from
+    whoever made the set, and a name in it becomes part of a path, a URL or a command."""
+    def bad(what: str, expected: str):
+        raise UserError(f"'{path}': {what}: expected {expected}")
 
-    Training goes on: the loader skips what it cannot read and counts it (`data_errors` in the metrics).
-    A remote set is downloaded once for this, in order, a few shards ahead, into `cache` if given, where
-    the loader then finds it.
-    """
-    bad = []
-    paths = shard_paths(shards, manifest)
-    contents = remote.fetch_ahead(paths, cache=cache) if remote.is_remote(shards) else ((p, None) for p in paths)
-    for entry, (path, data) in zip(manifest["shards"], contents):
-        digest = hashlib.sha256()
-        if data is None:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        elif isinstance(data, bytes):
-            digest.update(data)
-        if digest.hexdigest() != entry["sha256"]:
-            bad.append(entry["name"])
-            reason = f"could not be read ({data})" if isinstance(data, OSError) else \
-                "does not match the sha256 in its manifest (corrupt or changed since sharding)"
-            print(f"warning: shard '{path}' {reason}; unreadable samples will be skipped and counted as "
-                  "data_errors", file=sys.stderr, flush=True)
+    if not _is_int(manifest.get("count")):
+        bad(f"count {manifest.get('count')!r}", "a count of images")
+    if manifest.get("resolution") not in (32, 64, 128):
+        bad(f"resolution {manifest.get('resolution')!r}", "32, 64 or 128")
+    image = manifest.get("image")
+    if not isinstance(image, dict) or not _is_int(image.get("images_per_block"), 1):
+        bad("image.images_per_block", "a positive count of images per block")
+    per_image = manifest["resolution"] ** 2 * 3 + JSON_PER_IMAGE_MAX
+    names = set()
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict):
+            bad(f"shard entry {i}", "an object with name, count, bytes and sha256")
+        name = entry.get("name")
+        if not isinstance(name, str) or not SHARD_NAME.match(name):
+            bad(f"shard entry {i} has name {str(name)[:80]!r}", "a plain file name (letters, digits and ._-, "
+                "ending in .tar)")
+        if name in names:
+            bad(f"shard '{name}' is listed twice", "each shard once")
+        names.add(name)
+        if not _is_int(entry.get("count")) or not _is_int(entry.get("bytes"), 1):
+            bad(f"shard '{name}' count {entry.get('count')!r}, bytes {entry.get('bytes')!r}", "non-negative integers")
+        blocks = -(-entry["count"] // image["images_per_block"])
+        most = entry["count"] * per_image + (2 * blocks + 2) * (TAR_OVERHEAD + NPY_HEADER_MAX)
+        if entry["bytes"] > most:
+            bad(f"shard '{name}' claims {entry['bytes']} bytes for {entry['count']} images",
+                f"at most {most} at {manifest['resolution']} px")
+        if not isinstance(entry.get("sha256"), str) or not SHA256_HEX.match(entry["sha256"]):
+            bad(f"shard '{name}' sha256 {str(entry.get('sha256'))[:80]!r}", "64 lowercase hex digits")
+    if sum(e["count"] for e in manifest["shards"]) != manifest["count"]:
+        bad(f"count {manifest['count']}", f"the sum of the shards' counts, {sum(e['count'] for e in manifest['shards'])}")
+
+
+def verify(shards: list[Shard], cache: Optional[Path] = None) -> dict[str, str]:
+    """{name: why} for each of `shards` whose bytes do not match its manifest entry. A local file is
+    hashed where it lies; a remote one is downloaded (into `cache`, if given, for the loader to find)."""
+    bad = {}
+    local = [s for s in shards if not s.remote]
+    for shard in local:
+        problem = _local_problem(shard)
+        if problem:
+            bad[shard.name] = problem
+    remote_shards = [s for s in shards if s.remote]
+    for shard, data in remote.fetch_ahead(remote_shards, lambda s: fetch_shard(s, cache)):
+        if isinstance(data, OSError):
+            bad[shard.name] = f"could not be read ({data})"
     return bad
 
 
-def upload_file(path: Path, url: str) -> None:
-    """Put one local file of a shard set at `url` (remote.py), with retries; a one-line UserError if not."""
-    data = Path(path).read_bytes()
+def _local_problem(shard: Shard) -> Optional[str]:
     try:
-        remote.with_retries(lambda: remote.upload(url, data) or b"", url)
+        size = Path(shard.path).stat().st_size
+        if size != shard.bytes:
+            return f"is {size} bytes, not the {shard.bytes} its manifest gives"
+        digest = hashlib.sha256()
+        with open(shard.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     except OSError as exc:
-        raise UserError(f"output '{url}': upload failed ({exc})") from None
+        return f"could not be read ({exc.strerror})"
+    if digest.hexdigest() != shard.sha256:
+        return "does not match the sha256 in its manifest (corrupt or changed since sharding)"
+    return None
+
+
+def checked_bytes(shard: Shard, data: bytes) -> bytes:
+    """`data`, if it is what the manifest says shard `shard` holds; else an OSError saying how not."""
+    if len(data) != shard.bytes:
+        raise OSError(f"{len(data)} bytes, not the {shard.bytes} its manifest gives")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise OSError("does not match the sha256 in its manifest")
+    return data
+
+
+_cache_checked: set[Path] = set()           # cached files hashed by this process already
+
+
+def fetch_shard(shard: Shard, cache: Optional[Path] = None,
+                on_retry: Optional[Callable[[str], None]] = None) -> Union[bytes, OSError]:
+    """A remote shard's bytes, checked against its manifest entry, or the error that stopped it after
+    its retries. With `cache`, a folder on local disk, checked bytes are kept there (named by their
+    sha256, so a set sharded again never reads a stale copy) and read from there later; a cached copy is
+    hashed again the first time this process reads it, and downloaded afresh if it does not match."""
+    local = Path(cache) / f"{shard.sha256}.tar" if cache is not None else None
+    if local is not None and local.is_file():
+        try:
+            data = local.read_bytes()
+            if local not in _cache_checked:
+                checked_bytes(shard, data)
+                _cache_checked.add(local)
+            return data
+        except OSError:
+            local.unlink(missing_ok=True)
+    try:
+        data = remote.with_retries(lambda: checked_bytes(shard, remote.fetch(shard.location, shard.name, shard.bytes)),
+                                   shard.shown, on_retry)
+    except OSError as exc:
+        return exc
+    if local is not None:
+        try:
+            atomic_write_bytes(local, data)
+            _cache_checked.add(local)
+        except OSError:
+            pass                          # a full or read-only cache only costs the next download
+    return data
+
+
+def upload_file(path: Path, location: str, name: str) -> None:
+    """Put one local file of a shard set at `location` (remote.py), with retries; a one-line UserError if not."""
+    data = Path(path).read_bytes()
+    where = redact(remote.member(location, name))
+    try:
+        remote.with_retries(lambda: remote.upload(location, name, data), where)
+    except OSError as exc:
+        raise UserError(f"output '{where}': upload failed ({exc})") from None
 
 
 def write_shards_anywhere(source: Source, output: str, *args, **kwargs) -> dict:
@@ -245,19 +436,10 @@ def write_shards_anywhere(source: Source, output: str, *args, **kwargs) -> dict:
     remote.member(output, MANIFEST)                  # a malformed pipe: template fails before any work
 
     def upload(path: Path) -> None:
-        upload_file(path, remote.member(output, path.name))
+        upload_file(path, output, path.name)
         path.unlink()                                # local disk holds only the shards in flight
 
     with tempfile.TemporaryDirectory(prefix="dcgan-shards-") as local:
         manifest = write_shards(source, Path(local), *args, on_shard=upload, **kwargs)
-        upload_file(Path(local) / MANIFEST, remote.member(output, MANIFEST))
+        upload_file(Path(local) / MANIFEST, output, MANIFEST)
     return manifest
-
-
-def cache_folder(cache_dir: Optional[str], manifest: dict) -> Optional[Path]:
-    """Where a remote set's shards are kept locally (data.cache_dir): one folder per manifest, so a set
-    sharded again under the same URL never reads a stale copy."""
-    if not cache_dir:
-        return None
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"set-{digest}"

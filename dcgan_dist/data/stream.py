@@ -18,57 +18,121 @@ as those of an uninterrupted run.
 from __future__ import annotations
 
 import io
+import re
 import signal
 import sys
+import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan_dist.data import remote
+from dcgan_dist.data.shards import NPY_HEADER_MAX, Shard, ShardSet, checked_bytes, fetch_shard
 from dcgan_dist.errors import RunStopped
 
 
-def iter_tar(path: str, on_error: Callable[[str, Exception], None], data: Optional[bytes] = None) -> Iterator[dict]:
-    """Blocks of one shard, as webdataset groups them: {'__key__', 'npy', 'json', ...}; from the file at
-    `path`, or from `data`, the shard's bytes already downloaded from `path`.
+class ShardError(ValueError):
+    """Bytes that the shard format does not allow: the rest of that shard is skipped and counted."""
 
-    A truncated or corrupt tar ends that shard early; `on_error` is told, and the stream goes on.
-    """
-    def handler(exc: Exception) -> bool:
-        on_error(path, exc)
-        return True
 
+MEMBER = re.compile(r"^([^/\\\x00-\x1f.]{1,200})\.(npy|json)$")
+
+
+def tar_members(f: BinaryIO, limits: dict[str, int]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, data) of each member of one uncompressed tar stream. A compressed stream,
+    anything but a regular .npy or .json file, or a member larger than `limits[ext]` raises ShardError
+    before it is read: a hostile shard can cost no more memory than the format allows."""
+    if f.peek(2)[:2] == b"\x1f\x8b":
+        raise ShardError("gzip-compressed: shards are uncompressed tars")
+    with tarfile.open(fileobj=f, mode="r|") as tar:        # "r|": no transparent decompression
+        for info in tar:
+            m = MEMBER.match(info.name)
+            if m is None or not info.isfile():
+                raise ShardError(f"member '{info.name[:80]}' is not a .npy or .json file of the shard format")
+            key, ext = m.groups()
+            if info.size > limits[ext]:
+                raise ShardError(f"member '{info.name}' holds {info.size} bytes, more than a .{ext} member of "
+                                 f"this set can ({limits[ext]})")
+            yield key, ext, tar.extractfile(info).read()
+
+
+def iter_tar(shard: Shard, limits: dict[str, int], on_error: Callable[[str, Exception], None],
+             data: Optional[bytes] = None) -> Iterator[dict]:
+    """The blocks of one shard, {'__key__', '__url__', 'npy', 'json'}, from its file or from `data`, its
+    bytes already downloaded. A truncated, corrupt or malformed tar ends that shard early; `on_error` is
+    told (with the shard's name as shown in messages), and the stream goes on."""
+    sample: dict = {}
     try:
-        f = open(path, "rb") if data is None else io.BytesIO(data)
-    except OSError as exc:
-        on_error(path, exc)
+        with (open(shard.path, "rb") if data is None else io.BufferedReader(io.BytesIO(data))) as f:
+            for key, ext, payload in tar_members(f, limits):
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample.setdefault("__key__", key)
+                sample["__url__"] = shard.shown
+                if ext in sample:
+                    raise ShardError(f"member '{key}.{ext}' appears twice")
+                sample[ext] = payload
+    except (OSError, tarfile.TarError, ShardError) as exc:
+        on_error(shard.shown, exc)
         return
-    with f:
-        yield from wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander([{"url": path, "stream": f}], handler=handler), handler=handler)
+    if sample:
+        yield sample
 
 
-def read_shards(paths: list[str], on_error: Callable[[str, Exception], None],
-                on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None) -> Iterator[dict]:
-    """The samples of `paths` in order. Remote shards (data/remote.py) are downloaded whole, a few ahead,
-    by threads of this process (a loader worker, when there are workers), and kept in `cache` if given;
-    one that still fails after its retries is reported to `on_error` and skipped."""
-    if not paths or not remote.is_remote(paths[0]):
-        for path in paths:
-            yield from iter_tar(path, on_error)
+def read_shards(shards: list[Shard], limits: dict[str, int], on_error: Callable[[str, Exception], None],
+                on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None,
+                verify_local: bool = False) -> Iterator[dict]:
+    """The samples of `shards` in order. Remote shards (data/remote.py) are downloaded whole, a few ahead,
+    by threads of this process (a loader worker, when there are workers), checked against their manifest
+    entry and kept in `cache` if given; one that still fails after its retries is reported to `on_error`
+    and skipped. Local shards are read from disk as they are (training verified them at start), or,
+    with `verify_local`, read whole and checked first."""
+    if not shards or not shards[0].remote:
+        for shard in shards:
+            if not verify_local:
+                yield from iter_tar(shard, limits, on_error)
+                continue
+            try:
+                data = checked_bytes(shard, Path(shard.path).read_bytes())
+            except OSError as exc:
+                on_error(shard.shown, exc)
+                continue
+            yield from iter_tar(shard, limits, on_error, data)
         return
-    for url, data in remote.fetch_ahead(paths, on_retry, cache):
+    for shard, data in remote.fetch_ahead(shards, lambda s: fetch_shard(s, cache, on_retry)):
         if isinstance(data, OSError):
-            on_error(url, data)
+            on_error(shard.shown, data)
         else:
-            yield from iter_tar(url, on_error, data)
+            yield from iter_tar(shard, limits, on_error, data)
 
 
-def stream_shards(shards: list[str], num_streams: int, stream_id: int) -> list[str]:
+def decode_block(data: bytes, resolution: int) -> np.ndarray:
+    """A block's .npy bytes as a read-only uint8 array (n, R, R, 3), without a copy. The header is
+    checked against the bytes that follow it before anything is allocated: a header that claims more
+    images than the member holds is a ShardError, not a MemoryError."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ShardError(f"npy format version {version}, expected 1.0 or 2.0")
+        shape, fortran, dtype = read_header[version](f, max_header_size=NPY_HEADER_MAX)
+    except ValueError as exc:                   # bad magic, or a header that is not a plain dict literal
+        raise ShardError(f"not a .npy block ({exc})") from None
+    r = resolution
+    if dtype != np.uint8 or fortran or len(shape) != 4 or tuple(shape[1:]) != (r, r, 3):
+        raise ShardError(f"a {dtype}{' Fortran-order' if fortran else ''} block of shape {tuple(shape)}, expected "
+                         f"uint8 N x {r} x {r} x 3: shards and manifest disagree")
+    if shape[0] * r * r * 3 != len(data) - f.tell():
+        raise ShardError(f"the block's header claims {shape[0]} images but {len(data) - f.tell()} bytes follow it")
+    return np.frombuffer(data, dtype=np.uint8, offset=f.tell()).reshape(shape)
+
+
+def stream_shards(shards: list[Shard], num_streams: int, stream_id: int) -> list[Shard]:
     """This stream's own shards; with more streams than shards, every stream resamples all of them."""
     own = shards[stream_id::num_streams]
     return own if own else list(shards)
@@ -109,12 +173,12 @@ class BatchStream(IterableDataset):
 
     MAX_WARNINGS = 5
 
-    def __init__(self, shards: list[str], batch_size: int, resolution: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0,
-                 chunk: int = 1, cache: Optional[Path] = None):
+    def __init__(self, shard_set: ShardSet, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0, chunk: int = 1,
+                 cache: Optional[Path] = None):
         super().__init__()
-        self.cache = cache
-        self.shards, self.batch_size, self.resolution = list(shards), batch_size, resolution
+        self.cache, self.limits = cache, shard_set.member_limits()
+        self.shards, self.batch_size, self.resolution = list(shard_set.shards), batch_size, shard_set.resolution
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_roles = max(1, num_workers)
         self.shuffle_buffer, self.start_step, self.chunk = shuffle_buffer, start_step, chunk
@@ -132,7 +196,8 @@ class BatchStream(IterableDataset):
         skip = max(0, -(-(first_chunk - role) // self.num_roles))  # ceil((first - role) / roles)
         for _ in range(skip * self.chunk):
             pool.draw(self.batch_size, keep=False)
-        self.bad = 0                      # problems met while skipping were counted by the first run
+        if self.start_step:
+            self.bad = 0                  # what filling the pool and skipping met, the first run counted
         while True:
             draws = [pool.draw(self.batch_size) for _ in range(self.chunk)]
             # NHWC storage seen as NCHW: the channels_last layout the models run in, with no copy.
@@ -147,34 +212,31 @@ class BatchStream(IterableDataset):
             more = " (further warnings from this stream suppressed)" if self.warned == self.MAX_WARNINGS else ""
             print(f"warning: {what}{more}", file=sys.stderr, flush=True)
 
-    def _blocks(self, shards: list[str], rng: np.random.Generator) -> Iterator[np.ndarray]:
+    def _blocks(self, shards: list[Shard], rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Infinite uint8 image blocks (n, R, R, 3); the shard order is reshuffled every pass."""
-        on_error = lambda path, exc: self._problem(f"skipping unreadable data in shard {path}: {exc}")
+        on_error = lambda where, exc: self._problem(f"skipping unreadable data in shard {where}: {exc}")
         on_retry = lambda what: print(f"warning: {what}", file=sys.stderr, flush=True)
         while True:
             read = 0
             order = [shards[i] for i in rng.permutation(len(shards))]
-            for sample in read_shards(order, on_error, on_retry, self.cache):
-                block = self._block(sample, sample["__url__"])
+            for sample in read_shards(order, self.limits, on_error, on_retry, self.cache):
+                block = self._block(sample)
                 if block is not None and len(block):
                     read += len(block)
                     yield block
             if read == 0:                 # a whole pass gave nothing: never spin forever on bad shards
-                raise RunStopped(f"no readable samples in shards {', '.join(shards)}")
+                raise RunStopped(f"no readable samples in shards {', '.join(s.shown for s in shards)}")
 
-    def _block(self, sample: dict, path: str) -> Optional[np.ndarray]:
-        if "npy" not in sample:           # a stray member (e.g. a lone .json): not image data
+    def _block(self, sample: dict) -> Optional[np.ndarray]:
+        where = f"{sample['__key__']}.npy in shard {sample['__url__']}"
+        if "npy" not in sample:           # a lone .json: a block whose images are missing
+            self._problem(f"skipping block {sample['__key__']} in shard {sample['__url__']}: it has no .npy member")
             return None
         try:
-            block = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            self._problem(f"skipping unreadable block {sample['__key__']}.npy in shard {path}: {exc}")
+            return decode_block(sample["npy"], self.resolution)
+        except ShardError as exc:
+            self._problem(f"skipping unreadable block {where}: {exc}")
             return None
-        r = self.resolution
-        if block.dtype != np.uint8 or block.ndim != 4 or block.shape[1:] != (r, r, 3):
-            raise RunStopped(f"shard {path} holds a {block.dtype} block of shape {block.shape}, expected uint8 "
-                             f"N x {r} x {r} x 3: shards and manifest disagree; re-shard")
-        return block
 
 
 CHUNK_IMAGES = 512                     # images per worker hand-over: 4 batches of 128, 6 MB at 64 px
@@ -210,12 +272,12 @@ class Batches:
         return self.pending.pop(0)
 
 
-def make_loader(shards: list[str], batch_size: int, resolution: int, seed: int,
-                rank: int, world_size: int, num_workers: int, shuffle_buffer: int, start_step: int = 0,
-                pin_memory: bool = False, cache: Optional[Path] = None) -> Loader:
+def make_loader(shard_set: ShardSet, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int,
+                shuffle_buffer: int, start_step: int = 0, pin_memory: bool = False,
+                cache: Optional[Path] = None) -> Loader:
     chunk = max(1, CHUNK_IMAGES // batch_size) if num_workers else 1
-    ds = BatchStream(shards, batch_size, resolution, seed, rank, world_size, num_workers, shuffle_buffer,
-                     start_step, chunk, cache)
+    ds = BatchStream(shard_set, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, start_step,
+                     chunk, cache)
     # Its own generator: creating the iterator draws a base seed, which must not come from (and shift)
     # the global torch RNG that the training noise uses, or a resumed run would draw different noise.
     loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -258,21 +320,25 @@ def stop_loader(batches: Iterator) -> None:
             worker.join(timeout=10)
 
 
-def ordered_blocks(shards: list[str]) -> Iterator[tuple[np.ndarray, dict]]:
-    """Every image block of the shards in shard order, with its tar sample (its .json records), for
-    readers that need the same images every time: evaluation and the attribute classifier."""
-    for sample in read_shards(shards, lambda p, exc: None):
-        if "npy" in sample:
-            yield np.load(io.BytesIO(sample["npy"]), allow_pickle=False), sample
+def ordered_blocks(shard_set: ShardSet, cache: Optional[Path] = None) -> Iterator[tuple[np.ndarray, dict]]:
+    """Every image block of the set in shard order, with its tar sample (its .json records), for readers
+    that need the same images every time: evaluation and the attribute classifier. What cannot be
+    read is skipped with a warning."""
+    def warn(where: str, exc: Exception) -> None:
+        print(f"warning: skipping unreadable data in shard {where}: {exc}", file=sys.stderr, flush=True)
+
+    for sample in read_shards(list(shard_set.shards), shard_set.member_limits(), warn, cache=cache, verify_local=True):
+        try:
+            yield decode_block(sample["npy"], shard_set.resolution), sample
+        except (KeyError, ShardError) as exc:
+            warn(sample["__url__"], exc)
 
 
-def first_images(shards: list[str], count: int, resolution: int) -> torch.Tensor:
+def first_images(shard_set: ShardSet, count: int, cache: Optional[Path] = None) -> torch.Tensor:
     """The first `count` images of the shard set in shard order, uint8 (count, 3, R, R): a fixed real
     set for evaluation, the same on every rank and in every run."""
     blocks, have = [], 0
-    for block, _ in ordered_blocks(shards):
-        if block.dtype != np.uint8 or block.shape[1:] != (resolution, resolution, 3):
-            continue
+    for block, _ in ordered_blocks(shard_set, cache):
         blocks.append(block[: count - have])
         have += len(blocks[-1])
         if have == count:

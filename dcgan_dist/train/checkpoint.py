@@ -1,8 +1,20 @@
-"""Full training state on disk: save atomically, find the latest complete one, rotate.
+"""Full training state on disk: save atomically, check before use, find the latest complete one, rotate.
 
-Layout: run_dir/checkpoints/step-00001000/ holds Accelerate's state (both models, both optimizers, the
-grad scaler, every rank's RNG states), `trainer_state.json` (step, kimg, W&B run id, ...),
-`replicas.json` (per-rank parameter digests) and, last, the marker `COMPLETE`.
+Layout of run_dir/checkpoints/step-00001000/ (and checkpoints/best/):
+  nets.safetensors        G, D and the EMA generator: tensors "G.<name>", "D.<name>", "ema.<name>"
+  optimizers.safetensors  both Adam states, "opt_g.<param index>.<key>"; their param groups in its metadata
+  scaler.json             the fp16 GradScaler's state, when there is one
+  rng-<rank>.json         each rank's random generators: Python, NumPy, torch CPU and CUDA
+  trainer_state.json      step, kimg, W&B run id, best, counters
+  replicas.json           per-rank parameter digests
+  generator.safetensors   the EMA generator on its own (snapshot.py)
+  COMPLETE                written last: the format, the step, and every file's size and sha256
+
+Nothing here is a pickle, and nothing is read before its size and sha256 match COMPLETE: a checkpoint
+from a shared folder or a colleague can hold data, never code. Files not listed in COMPLETE are never
+opened. Checkpoints in the layout of earlier versions (Accelerate's: model.safetensors,
+optimizer.bin, random_states_N.pkl, custom_checkpoint_0.pkl) are still resumed from, every pickle in
+them loaded with torch's weights_only loader, which refuses anything but tensors and plain containers.
 
 A save goes to `.tmp-step-XXXXXXXX/` and is renamed into place only after every file is written and
 fsynced, so a kill at any moment leaves either the old set or the new one, never a half checkpoint
@@ -10,21 +22,36 @@ under a real name.
 """
 from __future__ import annotations
 
+import base64
+import codecs
 import errno
+import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
+from dcgan_dist.train import dist
+from dcgan_dist.train.step import Nets
+
+FORMAT = "dcgan-dist-checkpoint/2"
+NETS, OPTIMIZERS, SCALER = "nets.safetensors", "optimizers.safetensors", "scaler.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
+
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return RunLayout.of(run_dir).checkpoints
@@ -39,24 +66,16 @@ def list_complete(run_dir: str | Path, warn: bool = False) -> list[tuple[int, Pa
     return RunLayout.of(run_dir).complete_checkpoints(warn)
 
 
-def latest(run_dir: str | Path, warn: bool = True) -> Optional[Path]:
-    done = list_complete(run_dir, warn=warn)
-    return done[-1][1] if done else None
+# ----------------------------------------------------------------------------------------------------
+# Saving
 
 
-def _fsync_tree(path: Path) -> None:
-    for sub in sorted(path.rglob("*")):
-        if sub.is_file():
-            with open(sub, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
-def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state: dict, replicas: dict,
-         keep: int, best: bool = False, extra_files: Optional[dict[str, bytes]] = None) -> Path:
-    """Collective: every rank must call it. Rank 0 finalises, renames and rotates. With `best`, the
-    state goes to checkpoints/best/ instead, replacing the previous best; rotation never touches it.
-    `extra_files` (rank 0's) are written inside, before the COMPLETE marker.
+def save(accelerator: Accelerator, run_dir: str | Path, step: int, nets: Nets, trainer_state: dict,
+         replicas: dict, keep: int, best: bool = False, extra_files: Optional[dict[str, bytes]] = None) -> Path:
+    """Collective: every rank must call it. Every rank writes its random states; rank 0 writes the
+    rest, lists every file's digest in COMPLETE, renames and rotates. With `best`, the state goes to
+    checkpoints/best/ instead, replacing the previous best; rotation never touches it. `extra_files`
+    (rank 0's) are written inside too.
 
     A write that fails on any rank (a full disk, a quota, a lost mount) stops every rank together with
     one line (RunStopped): the half-written folder is removed and the previous checkpoints stay as they
@@ -66,18 +85,22 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
     main = accelerator.is_main_process
 
     def write_all() -> None:
-        accelerator.save_state(str(tmp), safe_serialization=True)   # every rank writes its RNG states
+        atomic_write_text(tmp / rng_file(accelerator.process_index), json.dumps(rng_state()))
         _fault_injection(step, tmp)
         if main:
+            atomic_write_bytes(tmp / NETS, _tensor_bytes(net_tensors(nets)))
+            atomic_write_bytes(tmp / OPTIMIZERS, optimizer_bytes(nets))
+            if accelerator.scaler is not None:
+                atomic_write_text(tmp / SCALER, json.dumps(accelerator.scaler.state_dict()))
             atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
             atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
             for name, data in (extra_files or {}).items():
                 atomic_write_bytes(tmp / name, data)
-            _fsync_tree(tmp)
 
     def finalise() -> None:
         if main:
-            atomic_write_text(tmp / MARKER, f"step {step}\n")
+            files = {p.name: _describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            atomic_write_text(tmp / MARKER, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
             _replace_dir(tmp, final)
             if not best:
                 rotate(run_dir, keep)
@@ -86,6 +109,68 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, trainer_state
     _all_or_none(accelerator, write_all, tmp, run_dir)
     _all_or_none(accelerator, finalise, tmp, run_dir)
     return final
+
+
+def _modules(nets: Nets) -> dict[str, torch.nn.Module]:
+    return {"G": nets.G_local, "D": nets.D_local, "ema": nets.ema.module}
+
+
+def net_tensors(nets: Nets) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for prefix, m in _modules(nets).items() for k, v in m.state_dict().items()}
+
+
+def optimizer_bytes(nets: Nets) -> bytes:
+    tensors, groups = {}, {}
+    for prefix, opt in (("opt_g", nets.opt_g), ("opt_d", nets.opt_d)):
+        state = opt.state_dict()
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if not torch.is_tensor(value):
+                    raise TypeError(f"{prefix} state '{key}' is a {type(value).__name__}, not a tensor")
+                tensors[f"{prefix}.{index}.{key}"] = value
+        groups[prefix] = state["param_groups"]
+    return _tensor_bytes(tensors, {"param_groups": json.dumps(groups)})
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def rng_state() -> dict:
+    """This process's random generators as JSON: what a resumed run needs to draw the same noise."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
+    return {"python": [py_version, list(py_state), py_gauss],
+            "numpy": [np_kind, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+            "torch": b64(torch.get_rng_state()),
+            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state`; types are checked first, so a bad file changes nothing."""
+    py_version, py_state, py_gauss = state["python"]
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    as_bytes = lambda text: torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+    py = (int(py_version), tuple(int(v) for v in py_state), None if py_gauss is None else float(py_gauss))
+    keys = np.asarray(np_keys, dtype=np.uint32)
+    cpu, cuda = as_bytes(state["torch"]), [as_bytes(s) for s in state["cuda"]]
+    random.setstate(py)
+    np.random.set_state((str(np_kind), keys, int(np_pos), int(np_has_gauss), float(np_gauss)))
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+
+
+def _describe(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _fresh_dir(path: Path) -> None:
@@ -101,14 +186,13 @@ def _all_or_none(accelerator: Accelerator, write, tmp: Path, run_dir: str | Path
         error = None
     except OSError as exc:
         error = f"{exc.strerror or exc}" + (f": '{exc.filename}'" if exc.filename else "")
-    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
-    failed = [(rank, e) for rank, e in enumerate(errors) if e]
+    failed = [(rank, e) for rank, e in enumerate(dist.gather_all(accelerator, error)) if e]
     if not failed:
         return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)        # frees what it took, and leaves nothing half-written
     rank, reason = failed[0]
-    kept = latest(run_dir, warn=False)
+    kept = RunLayout.of(run_dir).latest_checkpoint()
     raise RunStopped(f"could not write checkpoint '{tmp.name.removeprefix('.tmp-')}' in '{tmp.parent}' (rank {rank}: "
                      f"{reason}); stopping. The newest complete checkpoint is {kept or 'none'}: free space "
                      "and rerun the same command to resume from it")
@@ -154,39 +238,187 @@ def rotate(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load(accelerator: Accelerator, path: Path) -> dict:
-    """Restore models, optimizers, scaler and this rank's RNG states; return trainer_state."""
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+class Unreadable(ValueError):
+    """A checkpoint file that is missing, altered or not what its name says."""
+
+
+def read_marker(path: Path) -> Optional[dict]:
+    """COMPLETE as written by this format, or None for a checkpoint of the earlier (Accelerate) layout."""
+    text = (path / MARKER).read_text()
+    if not text.lstrip().startswith("{"):
+        return None
+    marker = json.loads(text)
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
+        raise Unreadable(f"{MARKER} is not a {FORMAT} marker")
+    return marker
+
+
+def read_file(path: Path, marker: dict, name: str) -> bytes:
+    """The bytes of `name`, only if COMPLETE lists it with this size and sha256."""
+    entry = marker["files"].get(name)
+    if not isinstance(entry, dict):
+        raise Unreadable(f"{name} is not listed in {MARKER}")
+    data = (path / name).read_bytes()
+    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise Unreadable(f"{name} does not match the size and sha256 in {MARKER} (altered or damaged)")
+    return data
+
+
+def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint, checked against COMPLETE when it is of this format."""
+    from safetensors.torch import load
+
+    marker = read_marker(path)
+    return load(read_file(path, marker, name) if marker is not None else (path / name).read_bytes())
+
+
+def load(accelerator: Accelerator, path: Path, nets: Nets) -> tuple[dict, bool]:
+    """Restore models, EMA, optimizers, scaler and this rank's random states from `path`. Returns
+    (trainer_state, whether this rank's random states were there). Everything is read and checked
+    before anything is changed."""
+    marker = read_marker(path)
+    parts = _read_current(path, marker, accelerator.process_index) if marker is not None else \
+        _read_legacy(path, accelerator.process_index)
+    state, tensors, optim, scaler, rng = parts
+    _check_trainer_state(state)
+    _apply(nets, tensors, optim)
+    if accelerator.scaler is not None and scaler is not None:
+        accelerator.scaler.load_state_dict(scaler)    # written without fp16 (bf16, fp32): the scaler starts fresh
+    if rng is not None:
+        set_rng_state(rng)
+    return state, rng is not None
+
+
+def _read_current(path: Path, marker: dict, rank: int) -> tuple:
+    from safetensors.torch import load as load_tensors
+
+    text = lambda name: read_file(path, marker, name).decode()
+    state = json.loads(text(STATE_FILE))
+    tensors = load_tensors(read_file(path, marker, NETS))
+    optim_bytes = read_file(path, marker, OPTIMIZERS)
+    optim = _optimizer_states(load_tensors(optim_bytes), json.loads(_metadata(optim_bytes)["param_groups"]))
+    scaler = json.loads(text(SCALER)) if SCALER in marker["files"] else None
+    rng = json.loads(text(rng_file(rank))) if rng_file(rank) in marker["files"] else None
+    return state, tensors, optim, scaler, rng
+
+
+def _metadata(data: bytes) -> dict:
+    """The metadata of safetensors bytes: the format is an 8-byte header length, then a JSON header."""
+    n = int.from_bytes(data[:8], "little")
+    if not 2 <= n <= len(data) - 8:
+        raise Unreadable("a safetensors header that does not fit the file")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+
+
+def _optimizer_states(tensors: dict[str, torch.Tensor], groups: dict) -> dict[str, dict]:
+    """{"opt_g": state_dict, "opt_d": state_dict} from the flat tensors and the param groups."""
+    out = {prefix: {"state": {}, "param_groups": groups[prefix]} for prefix in ("opt_g", "opt_d")}
+    for key, value in tensors.items():
+        prefix, index, name = key.split(".", 2)
+        out[prefix]["state"].setdefault(int(index), {})[name] = value
+    return out
+
+
+def _apply(nets: Nets, tensors: dict[str, torch.Tensor], optim: dict[str, dict]) -> None:
+    for prefix, module in _modules(nets).items():
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    for opt, saved in ((nets.opt_g, optim["opt_g"]), (nets.opt_d, optim["opt_d"])):
+        opt.load_state_dict(saved)
+        _match_layouts(opt)
+
+
+def _match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each Adam moment its parameter's memory layout. Saved tensors are contiguous (safetensors
+    stores no strides), while channels_last weights have channels_last moments, and the fused kernel
+    walks both in storage order: a mismatch would pair every weight with another's moments."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def _check_trainer_state(state) -> None:
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise Unreadable(f"{STATE_FILE} has no step count")
+    run_id = state.get("wandb_run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not run_id.isalnum() or len(run_id) > 64):
+        raise Unreadable(f"{STATE_FILE} has a W&B run id that is not a short alphanumeric string")
+
+
+# The only globals a checkpoint of the earlier layout may name: NumPy's array reconstruction, for its
+# saved NumPy random state. weights_only refuses everything else, code above all.
+_LEGACY_SAFE_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, codecs.encode,
+                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def _torch_load(path: Path):
+    with torch.serialization.safe_globals(_LEGACY_SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_legacy(path: Path, rank: int) -> tuple:
+    """Accelerate's layout, written by earlier versions: G and D as model(_1).safetensors, the EMA as
+    custom_checkpoint_0.pkl, optimizers as optimizer(_1).bin, the scaler as scaler.pt, random states as
+    random_states_<rank>.pkl. Every pickle goes through weights_only."""
+    from safetensors.torch import load_file
+
     state = json.loads((path / STATE_FILE).read_text())
-    scaler = accelerator.scaler
-    if scaler is not None and not (path / "scaler.pt").is_file():
-        accelerator.scaler = None        # written without fp16 (bf16 or fp32): the new scaler starts fresh
-    try:
-        accelerator.load_state(str(path))
-    finally:
-        accelerator.scaler = scaler
-    return state
+    tensors = {f"G.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    tensors.update({f"D.{k}": v for k, v in load_file(str(path / "model_1.safetensors")).items()})
+    tensors.update({f"ema.{k}": v for k, v in _torch_load(path / "custom_checkpoint_0.pkl").items()})
+    optim = {"opt_g": _torch_load(path / "optimizer.bin"), "opt_d": _torch_load(path / "optimizer_1.bin")}
+    scaler = _torch_load(path / "scaler.pt") if (path / "scaler.pt").is_file() else None
+    rng = None
+    if (path / f"random_states_{rank}.pkl").is_file():
+        saved = _torch_load(path / f"random_states_{rank}.pkl")
+        b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
+        kind, keys, pos, has_gauss, gauss = saved["numpy_random_seed"]
+        rng = {"python": list(saved["random_state"]), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+               "torch": b64(saved["torch_manual_seed"]),
+               "cuda": [b64(s) for s in saved.get("torch_cuda_manual_seed", [])]}
+    return state, tensors, optim, scaler, rng
 
 
-def resume(accelerator: Accelerator, run_dir: str | Path) -> tuple[Optional[Path], Optional[dict]]:
-    """Load the newest checkpoint that every rank can read; skip (and name) the ones that fail.
+def resume(accelerator: Accelerator, run_dir: str | Path, nets: Nets) -> tuple[Optional[Path], Optional[dict], bool]:
+    """Load the newest checkpoint that every rank can read: (its path, trainer_state, whether this rank's
+    random states were in it), or (None, None, False) for a fresh start.
 
-    Ranks agree after each try, so they never resume from different checkpoints. If checkpoints exist
-    but none loads, stop rather than silently start over and rotate the user's checkpoints away.
+    Rank 0 lists the checkpoints and every rank tries the same one, by name, in its own view of
+    run_dir: on shared storage one machine may not see the newest checkpoint yet. If any rank cannot
+    read it, all fall back to the one before together, and rank 0 names it and why. If checkpoints
+    exist but none loads, stop rather than silently start over and rotate the user's checkpoints away.
     """
-    candidates = list_complete(run_dir, warn=accelerator.is_main_process)
-    for _, path in reversed(candidates):
+    main = accelerator.is_main_process
+    names = dist.broadcast_from_main(accelerator, [p.name for _, p in list_complete(run_dir, warn=main)])
+    for name in reversed(names):
+        path = checkpoint_root(run_dir) / name
         try:
-            state, error = load(accelerator, path), None
-        except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign files
-            state, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+            state, own_rng = load(accelerator, path, nets)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - missing, truncated, altered or foreign files
+            state, own_rng, error = None, False, _reason(exc)
+        errors = dist.gather_all(accelerator, error, startup=True)
         if not any(errors):
-            return path, state
-        if accelerator.is_main_process:
-            reason = next(e for e in errors if e)
-            print(f"warning: skipping unreadable checkpoint {path} ({reason}); trying the one before",
+            return path, state, own_rng
+        if main:
+            rank, reason = next((r, e) for r, e in enumerate(errors) if e)
+            where = f"rank {rank}: " if accelerator.num_processes > 1 else ""
+            print(f"warning: skipping unreadable checkpoint {path} ({where}{reason}); trying the one before",
                   file=sys.stderr, flush=True)
-    if candidates:
+    if names:
         raise UserError(f"no loadable checkpoint in '{checkpoint_root(run_dir)}' (tried "
-                        f"{len(candidates)}); move them away to start over")
-    return None, None
+                        f"{len(names)}); move them away to start over")
+    return None, None, False
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file: {Path(exc.filename or '?').name}"
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"

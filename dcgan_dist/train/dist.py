@@ -17,7 +17,7 @@ import warnings
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast_object_list, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.errors import PeerLost, RunStopped, UserError
@@ -227,7 +227,7 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     by construction; a mismatch means a bug or a corrupted rank, and training on would be wasted.
     """
     mine = parameter_digests(models)
-    everyone = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    everyone = gather_all(accelerator, mine)
     for name, digest in mine.items():
         for rank, theirs in enumerate(everyone):
             if theirs.get(name) != digest:
@@ -237,35 +237,77 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
 
 
+# Startup work varies with what the ranks read (a lock to wait out, a set to verify, checkpoints on slow
+# storage), so its collectives wait this long for a slow peer, not `train.collective_timeout_s`, which
+# is sized for training steps. A peer that died is still noticed at once: its connection closes.
+STARTUP_TIMEOUT_S = 1800
+_startup_group = None
+
+
+def startup_group(accelerator: Accelerator):
+    """The gloo group for startup collectives (STARTUP_TIMEOUT_S); None with one process. Created on
+    first use, which every rank reaches in the same order."""
+    global _startup_group
+    if accelerator.num_processes == 1:
+        return None
+    if _startup_group is None:
+        _startup_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    return _startup_group
+
+
+def gather_all(accelerator: Accelerator, obj, startup: bool = False) -> list:
+    """Every rank's `obj`, in rank order, on every rank. `startup`: over the startup group."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj, group=startup_group(accelerator) if startup else None)
+    return out
+
+
+def broadcast_from_main(accelerator: Accelerator, obj):
+    """Rank 0's `obj` on every rank, over the startup group."""
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=startup_group(accelerator))
+    return box[0]
+
+
 def on_main(accelerator: Accelerator, fn) -> None:
-    """Collective: global rank 0 runs `fn`; if it raises a UserError, every rank raises it, so the whole
-    job stops together with rank 0's one line instead of the others hanging in their next collective."""
-    message = [None]
-    if accelerator.is_main_process:
+    """Collective, over the startup group: global rank 0 runs `fn`; if it raises a UserError, every rank
+    raises the same one (same class, same line), so the whole job stops together with rank 0's message
+    instead of the others hanging in their next collective."""
+    failure = None
+    if accelerator.is_main_process and fn is not None:
         try:
             fn()
         except UserError as exc:
-            message = [str(exc)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(message)
-    if message[0] is not None:
-        raise UserError(message[0])
+            failure = (type(exc).__name__, str(exc))
+    failure = broadcast_from_main(accelerator, failure)
+    if failure is not None:
+        kinds = {cls.__name__: cls for cls in (UserError, RunStopped, PeerLost, ConfigError)}
+        raise kinds.get(failure[0], UserError)(failure[1])
 
 
-# What gloo and NCCL say when the process at the other end of a collective is gone.
+# What gloo and NCCL say when the process at the other end of a collective is gone, or never answered.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
               "remote process exited", "Socket Timeout")
+_TIMED_OUT = ("Timed out waiting", "timed out", "Watchdog caught collective operation timeout", "wait timeout")
 
 
-def peer_lost(accelerator: Accelerator, exc: BaseException) -> Optional[PeerLost]:
-    """A one-line PeerLost for an error that means another rank or machine died, else None."""
+def peer_lost(accelerator: Accelerator, exc: BaseException, timeout_s: Optional[float] = None) -> Optional[PeerLost]:
+    """A one-line PeerLost for an error that means another rank or machine died or stopped answering
+    (a collective that timed out), else None."""
     text = str(exc)
-    if accelerator.num_processes == 1 or not any(s in text for s in _PEER_LOST):
+    signs = _PEER_LOST + _TIMED_OUT
+    if accelerator.num_processes == 1 or not any(s in text for s in signs):
         return None
-    detail = next((line.strip() for line in text.splitlines() if any(s in line for s in _PEER_LOST)), "")
+    detail = next((line.strip() for line in text.splitlines() if any(s in line for s in signs)), "")
     detail = detail.split("] ", 1)[-1].split(". ")[0][:160]
+    if not any(s in text for s in _PEER_LOST) and timeout_s is not None:
+        detail += f"; no answer within train.collective_timeout_s={timeout_s:g}"
     return PeerLost(f"lost contact with another rank of this {accelerator.num_processes}-rank job ({detail}): a "
-                    "process or machine died; rerun the same command on every machine to resume")
+                    "process or machine died or hangs; rerun the same command on every machine to resume")
 
 
 def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:
@@ -277,19 +319,27 @@ def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:
 
 
 def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None:
-    """Free everything DDP-wrapped before end_training: gloo aborts at exit otherwise (PITFALLS 3).
+    """Free everything DDP-wrapped before the process group goes: a gloo job whose wrapped models are
+    still alive at exit aborts in about 4 runs of 10 ("terminate called without an active exception").
 
-    After an error (`clean=False`) skip the barrier: the other ranks may be stuck in a collective, and
-    exiting at once lets torchrun notice and stop them.
+    After an error (`clean=False`) skip the barrier and leave the process group alone: the other ranks
+    may be stuck in a collective, or stopped, and destroying a group with a peer that does not answer
+    blocks for ever (seen with gloo and a SIGSTOPped peer). Exiting at once lets torchrun notice and
+    stop them.
     """
+    global _startup_group
     for owner in owners:
         owner.clear()
     gc.collect()
     if clean:
         barrier(accelerator)
-    accelerator.end_training()
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     accelerator.free_memory()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
+        _startup_group = None
         torch.distributed.destroy_process_group()
 
 

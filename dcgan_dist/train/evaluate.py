@@ -6,26 +6,25 @@ j % world_size. Generation uses batch statistics (as the sample grids do), so fi
 just the latents, is what makes the images, and so the metrics, the same at any world size.
 
 Every rank then gathers all features and images and computes the same numbers: there is no step where
-rank 0 computes alone while the others wait in a collective (shared/PITFALLS.md 23). The real side's
-Inception features are computed once per shard set, eval size and network, and cached next to the
+rank 0 computes alone while the others wait in a collective (torchmetrics' compute() is a collective,
+and calling it on rank 0 alone hangs a job). The real side's Inception features are computed once per
+shard set (its manifest digest), eval size and network (its sha1), and cached as safetensors next to the
 shards (in the run folder when the shards are read-only or remote).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from dcgan_dist import metrics
 from dcgan_dist.config import Config, metric_list
-from dcgan_dist.data.remote import is_remote
-from dcgan_dist.data.shards import shard_paths
+from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import first_images
 from dcgan_dist.fsutil import atomic_write_bytes
 from dcgan_dist.train import dist
@@ -34,8 +33,8 @@ EVAL_SEED_OFFSET = 1_000_003           # eval latents never coincide with the fi
 
 
 class Evaluator:
-    def __init__(self, accelerator: Accelerator, cfg: Config):
-        self.acc, self.cfg = accelerator, cfg
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_set: ShardSet, cache: Optional[Path] = None):
+        self.acc, self.cfg, self.shard_set = accelerator, cfg, shard_set
         self.metrics = metric_list(cfg.eval.metrics)
         self.num, self.batch = cfg.eval.num_images, cfg.eval.batch_per_rank
         self.mine = list(range(accelerator.process_index, -(-self.num // self.batch), accelerator.num_processes))
@@ -45,7 +44,7 @@ class Evaluator:
         if {"fid", "kid"} & set(self.metrics):
             self.inception = metrics.load_inception(cfg.eval.inception_weights, accelerator.device,
                                                     quiet=not accelerator.is_main_process)
-        self.real_u8 = first_images(shard_paths(cfg.data.shards), self.num, cfg.model.resolution)
+        self.real_u8 = first_images(shard_set, self.num, cache)
         self.real_features = self._real_features() if self.inception is not None else None
 
     def best_metric(self) -> str:
@@ -77,39 +76,55 @@ class Evaluator:
 
     def _gather(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Every rank's batches, in batch order, on every rank."""
-        items = list(parts.items())
-        everyone = gather_object(items) if self.acc.num_processes > 1 else items
+        everyone = [kv for items in dist.gather_all(self.acc, list(parts.items())) for kv in items]
         return torch.cat([t for _, t in sorted(everyone, key=lambda kv: kv[0])])
 
     def _real_features(self) -> torch.Tensor:
         caches = self._cache_paths()
         found = next((p for p in caches if p.is_file()), None)
+        cached = _read_cache(found, self.num) if found is not None else None
         # Ranks must agree before anyone starts the collective that computes the features.
-        if dist.all_min(self.acc, torch.tensor([int(found is not None)], device=self.acc.device))[0]:
-            return torch.load(found, map_location="cpu", weights_only=True)
+        if dist.all_min(self.acc, torch.tensor([int(cached is not None)], device=self.acc.device))[0]:
+            return cached
         feats = self._gather({j: self.inception(self.real_u8[j * self.batch:(j + 1) * self.batch]).cpu()
                               for j in self.mine})
         if self.acc.is_main_process:
-            self._write_cache(feats, caches)
+            _write_cache(feats, caches)
         return feats
 
     def _cache_paths(self) -> list[Path]:
+        """Keyed by everything the features depend on: the set's manifest, the count, the network."""
         digest = hashlib.sha1()
         with open(self.inception.source, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
-        name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}.pt"
+        name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}-{self.shard_set.digest}.safetensors"
         beside_run = Path(self.cfg.run_dir) / "eval-cache" / name
-        return [beside_run] if is_remote(self.cfg.data.shards) else [Path(self.cfg.data.shards) / "eval-cache" / name,
-                                                                     beside_run]
+        remote = self.shard_set.shards[0].remote
+        return [beside_run] if remote else [Path(self.shard_set.location) / "eval-cache" / name, beside_run]
 
-    @staticmethod
-    def _write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
-        buf = io.BytesIO()
-        torch.save(feats, buf)
-        for path in caches:
-            try:
-                atomic_write_bytes(path, buf.getvalue())
-                return
-            except OSError as exc:
-                print(f"warning: cannot cache real eval features at {path} ({exc.strerror})", file=sys.stderr)
+
+def _read_cache(path: Path, num: int) -> Optional[torch.Tensor]:
+    """The cached features, or None (with a warning) when the file is not what it should be."""
+    from safetensors.torch import load_file
+
+    try:
+        feats = load_file(str(path))["features"]
+        if feats.dtype != torch.float32 or feats.shape[0] != num or feats.ndim != 2:
+            raise ValueError(f"features of shape {tuple(feats.shape)}, expected ({num}, 2048) float32")
+        return feats
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or altered: compute them again
+        print(f"warning: ignoring the eval cache {path} ({type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+        return None
+
+
+def _write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
+    from safetensors.torch import save
+
+    data = save({"features": feats.float().contiguous()})
+    for path in caches:
+        try:
+            atomic_write_bytes(path, data)
+            return
+        except OSError as exc:
+            print(f"warning: cannot cache real eval features at {path} ({exc.strerror})", file=sys.stderr)

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 
 from dcgan_dist.config import Config, metric_list, save_config
 from dcgan_dist.data.remote import is_remote
-from dcgan_dist.data.shards import cache_folder, read_manifest, shard_paths, verify_shards
+from dcgan_dist.data.shards import ShardSet, verify
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.augment import parse_policy
 from dcgan_dist.ema import EMA
@@ -33,6 +33,7 @@ from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writable
 from dcgan_dist.layout import RunLayout
 from dcgan_dist.models import build_models
+from dcgan_dist.redact import redact, redact_all
 from dcgan_dist.report import write_report
 from dcgan_dist.runlock import RunLock
 from dcgan_dist.sample import sample
@@ -45,23 +46,24 @@ from dcgan_dist.train.evaluate import Evaluator
 from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
 
 
-def preflight(cfg: Config) -> dict:
+def preflight(cfg: Config) -> ShardSet:
     """Every user error we can see before starting a process group, as a one-line UserError."""
-    manifest = read_manifest(cfg.data.shards)
-    if manifest["resolution"] != cfg.model.resolution:
+    shard_set = ShardSet.open(cfg.data.shards)
+    count, shown = shard_set.manifest["count"], redact(cfg.data.shards)
+    if shard_set.resolution != cfg.model.resolution:
         raise UserError(f"config key 'model.resolution' is {cfg.model.resolution} but the shards in "
-                        f"'{cfg.data.shards}' are {manifest['resolution']}px; re-shard or change the key")
-    if cfg.data.batch_size > manifest["count"]:
+                        f"'{shown}' are {shard_set.resolution}px; re-shard or change the key")
+    if cfg.data.batch_size > count:
         raise UserError(f"config key 'data.batch_size' is {cfg.data.batch_size}, larger than the "
-                        f"{manifest['count']} images in '{cfg.data.shards}'")
-    if metric_list(cfg.eval.metrics) and cfg.eval.num_images > manifest["count"]:
+                        f"{count} images in '{shown}'")
+    if metric_list(cfg.eval.metrics) and cfg.eval.num_images > count:
         raise UserError(f"config key 'eval.num_images' is {cfg.eval.num_images}, more than the "
-                        f"{manifest['count']} images in '{cfg.data.shards}'")
+                        f"{count} images in '{shown}'")
     try:
         probe_writable(Path(cfg.run_dir))
     except OSError as exc:
         raise UserError(f"config key 'run_dir': '{cfg.run_dir}' is not writable ({exc.strerror})") from None
-    return manifest
+    return shard_set
 
 
 def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.Stream"] = None) -> Nets:
@@ -83,7 +85,6 @@ def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.St
     # Every rank keeps the same EMA (G is the same everywhere); checkpoints carry it like the models.
     ema = EMA(G_local, cfg.train.ema_halflife_kimg, cfg.train.ema_rampup,
               cfg.data.batch_size * accelerator.num_processes)
-    accelerator.register_for_checkpointing(ema)
     return Nets(G=G, D=D, G_local=G_local, D_local=dist.bare(accelerator, D), opt_g=opt_g.optimizer,
                 opt_d=opt_d.optimizer, ema=ema)
 
@@ -115,15 +116,15 @@ class Interval:
 
 
 def train(cfg: Config) -> None:
-    manifest = preflight(cfg)
+    shard_set = preflight(cfg)
     accelerator = dist.build_accelerator(cfg)
-    # Before anything is written to run_dir: a second job on it stops here, on every rank.
     lock = RunLock(RunLayout.of(cfg.run_dir).lock, cfg.run_dir) if accelerator.is_main_process else None
-    dist.on_main(accelerator, lock.acquire if lock else None)
     try:
-        _train(accelerator, cfg, manifest)
+        # Before anything is written to run_dir: a second job on it stops here, on every rank.
+        dist.on_main(accelerator, lock.acquire if lock else None)
+        _train(accelerator, cfg, shard_set, lock)
     except RuntimeError as exc:
-        lost = dist.peer_lost(accelerator, exc)
+        lost = dist.peer_lost(accelerator, exc, cfg.train.collective_timeout_s)
         if lost is None:
             raise
         raise lost from None
@@ -132,43 +133,66 @@ def train(cfg: Config) -> None:
             lock.release()
 
 
-def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
+def _verified(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, cache: Optional[Path]) -> tuple[ShardSet, set]:
+    """The set without the shards whose bytes do not match its manifest, and their names. Each rank
+    checks every world_size-th shard, so no rank hashes (or, with data.verify_remote, downloads) the
+    whole set while the others wait. Without data.verify_remote, a remote set is checked shard by
+    shard as the loader downloads it instead."""
+    if shard_set.shards[0].remote and not cfg.data.verify_remote:
+        return shard_set, set()
+    mine = list(shard_set.shards[accelerator.process_index::accelerator.num_processes])
+    bad = {}
+    for found in dist.gather_all(accelerator, verify(mine, cache), startup=True):
+        bad.update(found)
+    if accelerator.is_main_process:
+        by_name = {s.name: s for s in shard_set.shards}
+        for name, why in sorted(bad.items()):
+            print(f"warning: shard '{by_name[name].shown}' {why}; training without it (counted in data_errors)",
+                  file=sys.stderr, flush=True)
+    if len(bad) == len(shard_set.shards):
+        raise RunStopped(f"no shard of '{redact(shard_set.location)}' matches its manifest; re-shard or fix the copy")
+    return shard_set.without(set(bad)), set(bad)
+
+
+def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Optional[RunLock]) -> None:
     rank, world = accelerator.process_index, accelerator.num_processes
     graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
-    remote_set = is_remote(cfg.data.shards)
-    cache = cache_folder(cfg.data.cache_dir, manifest) if remote_set else None
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir and shard_set.shards[0].remote else None
+    full_set = shard_set
+    shard_set, excluded = _verified(accelerator, cfg, shard_set, cache)
     if accelerator.is_main_process:
-        if cfg.data.verify_remote or not remote_set:
-            verify_shards(cfg.data.shards, manifest, cache)
         checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
     stream = dist.graph_stream(accelerator, graph)
     nets = build(accelerator, cfg, stream)
     global_batch = cfg.data.batch_size * world
-    resumed_from, trainer_state, progress = _resume(accelerator, cfg, global_batch)
+    resumed_from, trainer_state, progress = _resume(accelerator, cfg, nets, global_batch)
     apply_optim_config(nets, cfg, graph)
     start_step = trainer_state["step"]
+    # Shards left out count once in data_errors, not again at every restart.
+    newly_excluded = excluded - set(trainer_state.get("excluded_shards", []))
+    trainer_state["excluded_shards"] = sorted(excluded | set(trainer_state.get("excluded_shards", [])))
 
     workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
     run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
                  "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
-                 "num_workers": workers, "dataset_count": manifest["count"],
+                 "num_workers": workers, "dataset_count": full_set.manifest["count"],
                  "cpu_forward_weight_grad_layers": switched_layers(nets.G_local, nets.D_local)}
     if accelerator.is_main_process:
         layout = RunLayout.of(cfg.run_dir)
         save_config(cfg, layout.config, facts=run_facts)
-        atomic_write_text(layout.facts, json.dumps(run_facts, indent=1) + "\n")
-        print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={manifest['count']} "
+        atomic_write_text(layout.facts, json.dumps(redact_all(run_facts), indent=1) + "\n")
+        print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={full_set.manifest['count']} "
               f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
               flush=True)
-    wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"], {**cfg.to_dict(), "run": run_facts})
+    wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"],
+                             redact_all({**cfg.to_dict(), "run": run_facts}))
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
-    loader = make_loader(shard_paths(cfg.data.shards, manifest), cfg.data.batch_size, cfg.model.resolution,
-                         cfg.seed, rank, world, workers, cfg.data.shuffle_buffer, start_step,
-                         pin_memory=accelerator.device.type == "cuda",
-                         cache=cache)
+    loader = make_loader(shard_set, cfg.data.batch_size, cfg.seed, rank, world, workers, cfg.data.shuffle_buffer,
+                         start_step, pin_memory=accelerator.device.type == "cuda", cache=cache)
     runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
-    evaluator = Evaluator(accelerator, cfg) if metric_list(cfg.eval.metrics) else None
-    run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator}
+    evaluator = Evaluator(accelerator, cfg, full_set, cache) if metric_list(cfg.eval.metrics) else None
+    run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator, "lock": lock,
+           "data_errors": len(newly_excluded) if accelerator.is_main_process else 0}
     clean = False
     try:
         _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, progress)
@@ -184,18 +208,18 @@ def _train(accelerator: Accelerator, cfg: Config, manifest: dict) -> None:
         dist.shutdown(accelerator, [nets], clean=clean)
 
 
-def _resume(accelerator: Accelerator, cfg: Config, global_batch: int) -> tuple[Optional[Path], dict, Progress]:
+def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int) -> tuple[Optional[Path], dict, Progress]:
     """Load the newest checkpoint, if any, and say what changed if its world size or precision differ.
 
     A rank the checkpoint has no random state for (the job grew) draws its noise from a seed made of the
     run's seed, its rank and the step: deterministic, and unlike any other rank's stream."""
     rank = accelerator.process_index
     set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
-    resumed_from, state = checkpoint.resume(accelerator, cfg.run_dir)
+    resumed_from, state, own_rng = checkpoint.resume(accelerator, cfg.run_dir, nets)
     if state is None:
         return None, {"step": 0, "wandb_run_id": _new_run_id()}, Progress(0, 0, global_batch)
     step = state["step"]
-    if not (resumed_from / f"random_states_{rank}.pkl").is_file():
+    if not own_rng:
         set_seed(_derived_seed(cfg.seed, rank, step))
     old_batch = state.get("global_batch") or round(state.get("kimg", 0) * 1000 / max(step, 1)) or global_batch
     images = state.get("images_seen", round(state.get("kimg", step * old_batch / 1000) * 1000))
@@ -243,12 +267,13 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
     totals = runner.step.totals
     start = trainer_state["step"]
     # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
-    interval = Interval(t=time.time(), step=start,
-                        data_errors=trainer_state.get("data_errors", 0) if accelerator.is_main_process else 0)
+    carried = trainer_state.get("data_errors", 0) if accelerator.is_main_process else 0
+    interval = Interval(t=time.time(), step=start, data_errors=carried + run["data_errors"])
     fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
                           generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
 
     def save(done: int, best: bool = False) -> None:
+        dist.on_main(accelerator, run["lock"].check if run["lock"] else None)    # a job that lost run_dir stops
         health = _check_health(accelerator, totals, interval, cfg)
         replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
         trainer_state.update(step=done, kimg=progress.kimg(done), images_seen=progress.images(done),
@@ -259,8 +284,8 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
             snapshot[SNAPSHOT] = snapshot_bytes(
                 nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
                 kimg=progress.kimg(done), metrics=trainer_state.get("last_eval", {}),
-                shards=cfg.data.shards if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
-        path = checkpoint.save(accelerator, cfg.run_dir, done, trainer_state, replicas, cfg.train.keep_ckpts,
+                shards=redact(cfg.data.shards) if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
+        path = checkpoint.save(accelerator, cfg.run_dir, done, nets, trainer_state, replicas, cfg.train.keep_ckpts,
                                best=best, extra_files=snapshot)
         if accelerator.is_main_process:
             _publish_generator(RunLayout.of(cfg.run_dir), path, best)
@@ -345,7 +370,7 @@ def _check_health(accelerator: Accelerator, totals: Totals, interval: Interval, 
     health = totals.read()
     if first_bad < NO_STEP:
         means = [v / max(interval.n, 1) for v in health["stats"]]
-        last_good = checkpoint.latest(cfg.run_dir, warn=False)
+        last_good = RunLayout.of(cfg.run_dir).latest_checkpoint()
         raise RunStopped(f"non-finite loss at step {first_bad} (loss_d={means[0]:.4g}, loss_g={means[1]:.4g}); "
                          f"stopping without saving. Last good checkpoint: {last_good or 'none'}")
     if gave_up < NO_STEP:
