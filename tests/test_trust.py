@@ -181,6 +181,15 @@ def test_a_pipe_template_passes_the_name_as_one_argument_whatever_its_quotes(sha
         assert not marker.exists(), evil
 
 
+def test_a_pipe_upload_gets_the_file_on_stdin_and_may_print_a_reply(tmp_path):
+    """The documented way to need a shell: the name as an argument ($1), never pasted into the script."""
+    location = f"pipe:sh -c 'cat > \"$1\" && echo stored \"$1\"' _ {tmp_path}/{{name}}"
+    remote.upload(location, "train-000000.tar", b"tar bytes")
+    assert (tmp_path / "train-000000.tar").read_bytes() == b"tar bytes"
+    remote.upload(location, "x $(touch PWNED).tar", b"odd")                 # one argument, not shell text
+    assert (tmp_path / "x $(touch PWNED).tar").read_bytes() == b"odd" and not Path("PWNED").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Hostile shards: bounded memory, counted skips, never a traceback
 

@@ -40,6 +40,7 @@ BACKOFF_S = float(os.environ.get("DCGAN_REMOTE_BACKOFF_S", "0.5"))   # doubles a
 TIMEOUT_S = float(os.environ.get("DCGAN_REMOTE_TIMEOUT_S", "60"))   # a download's fixed allowance
 MIN_BYTES_PER_S = 1 << 20           # ... plus its size at this rate: a 12 MB shard gets 72 s in all
 MAX_UNSIZED_BYTES = 64 << 20        # a file the manifest gives no size for (the manifest itself)
+UPLOAD_REPLY_BYTES = 1 << 20        # what an upload's command or server may print back (read, then dropped)
 AHEAD = 2                           # shards fetched ahead of the reader
 T = TypeVar("T")
 
@@ -53,17 +54,19 @@ def is_remote(location: Union[str, os.PathLike]) -> bool:
 
 
 def member(location: str, name: str) -> str:
-    """Where file `name` of the set at `location` is, as text: a URL, or for pipe: the command."""
+    """Where file `name` of the set at `location` is, as text: a URL, or for pipe: the command (with
+    `$VAR` left unexpanded: this is what messages show)."""
     if location.startswith("pipe:"):
-        return "pipe:" + shlex.join(pipe_argv(location, name))
+        return "pipe:" + shlex.join(pipe_argv(location, name, expand=False))
     if location.startswith(("http://", "https://")):
         parts = urlsplit(location)                 # the name goes into the path; a ?token=... stays last
         return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
     return location.rstrip("/") + "/" + name
 
 
-def pipe_argv(location: str, name: str) -> list[str]:
-    """The command for file `name` of a `pipe:` set: the template's words, `{name}` replaced inside them."""
+def pipe_argv(location: str, name: str, expand: bool = True) -> list[str]:
+    """The command for file `name` of a `pipe:` set: the template's words, with `$VAR` expanded from
+    the environment (unless `expand` is false) and then `{name}` replaced inside them."""
     template = location[len("pipe:"):]
     if "{name}" not in template:
         raise UserError(f"data.shards '{redact(location)}': a pipe: set needs '{{name}}' where the file name "
@@ -74,7 +77,7 @@ def pipe_argv(location: str, name: str) -> list[str]:
         raise UserError(f"data.shards '{redact(location)}': cannot split the pipe: command into words ({exc})") from None
     if not words:
         raise UserError(f"data.shards '{redact(location)}': the pipe: command is empty")
-    return [os.path.expandvars(word).replace("{name}", name) for word in words]
+    return [(os.path.expandvars(word) if expand else word).replace("{name}", name) for word in words]
 
 
 def read_command(url: str) -> list[str]:
@@ -137,20 +140,20 @@ def upload(location: str, name: str, data: bytes) -> None:
     """One attempt at storing `data` as file `name` of the set at `location`."""
     deadline = time.monotonic() + deadline_s(len(data))
     if location.startswith("pipe:"):
-        _run(pipe_argv(location, name), 0, deadline, stdin=data)
+        _run(pipe_argv(location, name), UPLOAD_REPLY_BYTES, deadline, stdin=data)   # e.g. curl -T prints a reply
         return
     url = member(location, name)
     if url.startswith(("http://", "https://")):
         request, timeout = _request(url, deadline, data=data, method="PUT")
         request.add_header("Content-Type", "application/octet-stream")
         with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
-            _read_capped(response.read1, 1 << 20, deadline)
+            _read_capped(response.read1, UPLOAD_REPLY_BYTES, deadline)
         return
     fs = fsspec_filesystem(url)
     if fs is not None:
         fs.pipe_file(url, data)
     else:
-        _run(write_command(url), 0, deadline, stdin=data)
+        _run(write_command(url), UPLOAD_REPLY_BYTES, deadline, stdin=data)
 
 
 class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
@@ -190,6 +193,8 @@ class _http_errors:
             raise (PermanentError if permanent else OSError)(f"HTTP {exc.code} {exc.reason}") from None
         if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, PermanentError):
             raise exc.reason from None
+        if isinstance(exc, ValueError):             # a malformed URL (http.client.InvalidURL is one)
+            raise PermanentError(f"malformed URL ({exc})") from None
         if exc is not None and not isinstance(exc, OSError) and type(exc).__module__ == "http.client":
             raise OSError(f"{type(exc).__name__}: {exc}") from None
         return False

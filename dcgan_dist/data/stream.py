@@ -76,7 +76,7 @@ def iter_tar(shard: Shard, limits: dict[str, int], on_error: Callable[[str, Exce
                 if ext in sample:
                     raise ShardError(f"member '{key}.{ext}' appears twice")
                 sample[ext] = payload
-    except (OSError, tarfile.TarError, ShardError) as exc:
+    except (OSError, tarfile.TarError, ValueError) as exc:       # ShardError is a ValueError
         on_error(shard.shown, exc)
         return
     if sample:

@@ -149,16 +149,21 @@ def rng_state() -> dict:
             "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state: dict) -> None:
-    """Inverse of `rng_state`; types are checked first, so a bad file changes nothing."""
+def parse_rng_state(state: dict) -> tuple:
+    """`rng_state`'s JSON as typed values; a ValueError, TypeError or KeyError if it is not that."""
     py_version, py_state, py_gauss = state["python"]
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     as_bytes = lambda text: torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
     py = (int(py_version), tuple(int(v) for v in py_state), None if py_gauss is None else float(py_gauss))
-    keys = np.asarray(np_keys, dtype=np.uint32)
-    cpu, cuda = as_bytes(state["torch"]), [as_bytes(s) for s in state["cuda"]]
+    numpy = (str(np_kind), np.asarray(np_keys, dtype=np.uint32), int(np_pos), int(np_has_gauss), float(np_gauss))
+    return py, numpy, as_bytes(state["torch"]), [as_bytes(s) for s in state["cuda"]]
+
+
+def set_rng_state(parsed: tuple) -> None:
+    """Restore what `parse_rng_state` returned."""
+    py, numpy, cpu, cuda = parsed
     random.setstate(py)
-    np.random.set_state((str(np_kind), keys, int(np_pos), int(np_has_gauss), float(np_gauss)))
+    np.random.set_state(numpy)
     torch.set_rng_state(cpu)
     if cuda and torch.cuda.is_available():
         for device, s in enumerate(cuda[: torch.cuda.device_count()]):
@@ -262,6 +267,8 @@ def read_file(path: Path, marker: dict, name: str) -> bytes:
     entry = marker["files"].get(name)
     if not isinstance(entry, dict):
         raise Unreadable(f"{name} is not listed in {MARKER}")
+    if (path / name).stat().st_size != entry.get("bytes"):       # before reading: a size that does not fit
+        raise Unreadable(f"{name} does not match the size and sha256 in {MARKER} (altered or damaged)")
     data = (path / name).read_bytes()
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise Unreadable(f"{name} does not match the size and sha256 in {MARKER} (altered or damaged)")
@@ -285,6 +292,7 @@ def load(accelerator: Accelerator, path: Path, nets: Nets) -> tuple[dict, bool]:
         _read_legacy(path, accelerator.process_index)
     state, tensors, optim, scaler, rng = parts
     _check_trainer_state(state)
+    rng = parse_rng_state(rng) if rng is not None else None
     _apply(nets, tensors, optim)
     if accelerator.scaler is not None and scaler is not None:
         accelerator.scaler.load_state_dict(scaler)    # written without fp16 (bf16, fp32): the scaler starts fresh
