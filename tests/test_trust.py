@@ -28,7 +28,7 @@ from dcgan_dist.errors import UserError
 from dcgan_dist.redact import redact
 from shard_server import ShardServer
 from test_cluster import free_port, logs, start_machines, train_keys
-from test_faults import assert_same_trace, fp32_args, kill_group, last_step, start, wait_for, workers
+from test_faults import assert_same_trace, finish, fp32_args, kill_group, last_step, start, wait_for, workers
 
 FAST = {"DCGAN_REMOTE_ATTEMPTS": "3", "DCGAN_REMOTE_BACKOFF_S": "0.05"}
 
@@ -95,8 +95,7 @@ def to_legacy(ckpt: Path, ema_payload: Path | None = None) -> None:
 @pytest.fixture(scope="module")
 def straight9(shards32, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight9")
-    out = accelerate_launch(fp32_args(shards32, run_dir, steps=9), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    finish(fp32_args(shards32, run_dir, steps=9))
     return metrics(run_dir)
 
 

@@ -240,7 +240,7 @@ def _run(argv: list[str], limit: int, deadline: float, stdin: Optional[bytes] = 
         if stdin is not None:
             threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
         try:
-            out = _read_pipe(proc.stdout, limit, deadline, name)
+            out = _read_capped(_pipe_read1(proc.stdout.fileno(), deadline, name), limit, deadline)
             code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except (OSError, subprocess.TimeoutExpired) as exc:
             proc.kill()
@@ -263,19 +263,14 @@ def _feed(pipe, data: bytes) -> None:
         pass                                   # the command exited early; its exit code says why
 
 
-def _read_pipe(pipe, limit: int, deadline: float, name: str) -> bytes:
-    fd, chunks, total = pipe.fileno(), [], 0
-    while True:
+def _pipe_read1(fd: int, deadline: float, name: str) -> Callable[[int], bytes]:
+    """A read1() on a pipe that waits for data no longer than the deadline."""
+    def read1(n: int) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise OSError(f"'{name}' not finished within its deadline ({total} bytes in)")
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > limit:
-            raise OSError(f"'{name}' wrote more than the {limit} bytes expected")
-        chunks.append(chunk)
+            raise OSError(f"'{name}' not finished within its deadline")
+        return os.read(fd, n)
+    return read1
 
 
 def with_retries(action: Callable[[], T], what: str, on_retry: Optional[Callable[[str], None]] = None) -> T:
