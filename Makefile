@@ -38,7 +38,7 @@ demo: setup $(SHARDS)/manifest.json
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
 	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
 
-# What CI runs: about 13 minutes on 2 cores, install included (12.9 and 13.4 min in fresh clones, 2026-12-01).
+# What CI runs: 13 to 14 minutes on 2 cores, install included (12.9, 13.4 and 13.8 min in fresh clones, 2026-12-01).
 # `slow` marks what repeats other tests at length: the 20-run exit-code soak (every other launch asserts
 # exit 0 too), two benchmark smoke runs, and a second machine-kill case. `make test-all` runs them as well.
 # Two pytest workers even on 2 cores: a launch spends much of its time starting processes and waiting
