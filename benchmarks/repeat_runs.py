@@ -3,8 +3,8 @@
 
     python benchmarks/repeat_runs.py --shards data/shards/demo64 --runs 20
 
-gloo DDP jobs that exit with wrapped models still alive abort in ~4 of 10 runs (shared/PITFALLS.md 3);
-this catches any regression of the shutdown order. Prints a table, then JSON as the last line.
+gloo DDP jobs that exit with wrapped models still alive abort in ~4 of 10 runs ("terminate called
+without an active exception", exit -6); this catches any regression of the shutdown order. Prints a table, then JSON as the last line.
 """
 import argparse
 import json

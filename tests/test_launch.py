@@ -158,7 +158,7 @@ def test_bad_run_inputs_fail_fast_with_one_line(shards32, tmp_path, override, ne
 
 
 def test_one_cpu_rank_uses_every_core_under_plain_accelerate_launch(shards32, tmp_path):
-    """`accelerate launch` without --cpu exports OMP_NUM_THREADS=1 (PITFALLS 3b); the rank must not keep it."""
+    """`accelerate launch` without --cpu exports OMP_NUM_THREADS=1; the rank must not keep it."""
     out = accelerate_launch([*tiny(shards32, tmp_path / "run", steps=2), "wandb.mode=disabled", "eval.metrics="],
                             num_processes=1, timeout=300, preexec_fn=on_all_cores)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Read an offline W&B run file (`run-*.wandb`) back, with wandb's own protobuf records.
 
-Format (wandb 0.31, see shared/PITFALLS.md 16): a 7-byte header (":W&B", version), then 32 KiB blocks
+Format (wandb 0.31; `wandb.sdk.internal.datastore`, which read it, is gone there): a 7-byte header (":W&B", version), then 32 KiB blocks
 of records, each `<IHB` (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); blocks zero-padded.
 """
 from __future__ import annotations

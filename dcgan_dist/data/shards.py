@@ -39,7 +39,7 @@ from tqdm import tqdm
 from dcgan_dist.data import remote
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir, probe_writable
 from dcgan_dist.redact import redact
 
 MANIFEST = "manifest.json"
@@ -364,13 +364,10 @@ def _local_problem(shard: Shard) -> Optional[str]:
         size = Path(shard.path).stat().st_size
         if size != shard.bytes:
             return f"is {size} bytes, not the {shard.bytes} its manifest gives"
-        digest = hashlib.sha256()
-        with open(shard.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest = file_sha256(Path(shard.path))
     except OSError as exc:
         return f"could not be read ({exc.strerror})"
-    if digest.hexdigest() != shard.sha256:
+    if digest != shard.sha256:
         return "does not match the sha256 in its manifest (corrupt or changed since sharding)"
     return None
 

@@ -1,6 +1,8 @@
 """Per-rank, per-worker infinite streams of uint8 image batches read from tar shards of image blocks.
 
-Why a hand-rolled IterableDataset instead of `accelerator.prepare(loader)` (see shared/PITFALLS.md):
+Why a hand-rolled IterableDataset instead of `accelerator.prepare(loader)`, which for an iterable
+dataset either dispatches from rank 0 alone (the other ranks' shards are never read) or splits the data
+a second time and throws some away:
   - progress is counted in steps, and every rank must get exactly the same number of batches or DDP
     hangs; an infinite resampled stream per rank makes that hold by construction;
   - each (rank, worker) "stream" owns a disjoint slice of the shards and a seed of its own, so the data

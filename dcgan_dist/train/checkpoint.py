@@ -40,7 +40,7 @@ import torch
 from accelerate import Accelerator
 
 from dcgan_dist.errors import RunStopped, UserError
-from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir
 from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
 from dcgan_dist.train import dist
 from dcgan_dist.train.step import Nets
@@ -142,11 +142,15 @@ def rng_state() -> dict:
     """This process's random generators as JSON: what a resumed run needs to draw the same noise."""
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
     return {"python": [py_version, list(py_state), py_gauss],
             "numpy": [np_kind, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
-            "torch": b64(torch.get_rng_state()),
-            "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            "torch": _b64(torch.get_rng_state()),
+            "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def _b64(state: torch.Tensor) -> str:
+    """A generator state (a uint8 tensor) as JSON text."""
+    return base64.b64encode(state.numpy().tobytes()).decode()
 
 
 def parse_rng_state(state: dict) -> tuple:
@@ -171,11 +175,7 @@ def set_rng_state(parsed: tuple) -> None:
 
 
 def _describe(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _fresh_dir(path: Path) -> None:
@@ -385,11 +385,10 @@ def _read_legacy(path: Path, rank: int) -> tuple:
     rng = None
     if (path / f"random_states_{rank}.pkl").is_file():
         saved = _torch_load(path / f"random_states_{rank}.pkl")
-        b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
         kind, keys, pos, has_gauss, gauss = saved["numpy_random_seed"]
         rng = {"python": list(saved["random_state"]), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-               "torch": b64(saved["torch_manual_seed"]),
-               "cuda": [b64(s) for s in saved.get("torch_cuda_manual_seed", [])]}
+               "torch": _b64(saved["torch_manual_seed"]),
+               "cuda": [_b64(s) for s in saved.get("torch_cuda_manual_seed", [])]}
     return state, tensors, optim, scaler, rng
 
 

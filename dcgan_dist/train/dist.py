@@ -77,7 +77,7 @@ def process_group_backend() -> Optional[str]:
 def cpu_threads(config_value: Optional[int]) -> int:
     """`train.cpu_threads_per_rank`, or this node's usable cores (affinity, capped by a container's
     CPU quota) shared out among its ranks. Not the OMP_NUM_THREADS that `accelerate launch` exports: it
-    sets 1 unless told otherwise (PITFALLS 3b), and a rank cannot tell that default from a user's choice."""
+    sets 1 unless told otherwise, and a rank cannot tell that default from a user's choice."""
     if config_value is not None:
         return config_value
     return max(1, usable_cores() // max(1, ranks_on_node()))
@@ -95,7 +95,7 @@ def _tune_kernels(deterministic: bool) -> None:
 
 
 # D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks autograd on
-# CUDA (PITFALLS 11), so each rank keeps its own BN running stats. Bucket views: the grads live in DDP's
+# CUDA (pytorch#175024), so each rank keeps its own BN running stats. Bucket views: the grads live in DDP's
 # buckets, which saves a copy of them each step.
 DDP_OPTIONS = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
@@ -105,7 +105,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     _tune_kernels(cfg.train.deterministic)
     backend = process_group_backend()
     accelerator = Accelerator(
-        # Without cpu=True a multi-machine CPU job silently becomes N standalone processes (PITFALLS 2).
+        # Without cpu=True a multi-machine CPU job silently becomes N standalone processes.
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with="wandb" if cfg.wandb.mode != "disabled" else None,
@@ -168,7 +168,7 @@ def barrier(accelerator: Accelerator) -> None:
 def autocast(accelerator: Accelerator):
     """The one mixed-precision context for a whole D or G phase. The weight-cast cache is off because
     a captured CUDA graph must not keep pointers into a cache that is freed when the context exits.
-    fp16 on a CPU stays fp32, as Accelerate runs it (PITFALLS 10)."""
+    fp16 on a CPU stays fp32, as Accelerate runs it."""
     device, precision = accelerator.device.type, accelerator.mixed_precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     enabled = dtype is not None and (device == "cuda" or precision == "bf16")
