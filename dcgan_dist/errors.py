@@ -29,6 +29,22 @@ class PeerLost(RunStopped):
 
 
 MARKER_PREFIX = "dcgan-dist-stopped-"
+EXIT_REPORT_ENV = "DCGAN_EXIT_REPORT_DIR"
+
+
+def report_exit(code: int) -> None:
+    """Tell the supervisor (dcgan_dist.supervise) this rank's exit code: torchrun reports 1 for any
+    failed rank, and the job's exit code depends on why it failed. A no-op when nobody asks."""
+    folder = os.environ.get(EXIT_REPORT_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}")
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{code}\n")
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass                        # the supervisor then falls back to the launcher's code
 
 
 def _first_on_this_machine() -> bool:
@@ -80,9 +96,19 @@ def main_guard(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except UserError as exc:
             message, code, every_node = str(exc), exc.exit_code, getattr(exc, "every_node", False)
+        except SystemExit as exc:
+            report_exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+            raise
+        except BaseException:
+            report_exit(1)
+            raise
+        else:
+            report_exit(0)
+            return result
+        report_exit(code)
         # Exit outside the except block: the traceback (and any loader workers its frames hold) is freed
         # first, so interpreter shutdown never waits on a worker that nobody will stop.
         if _first_on_this_machine() if every_node else os.environ.get("RANK", "0") == "0":

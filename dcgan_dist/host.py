@@ -79,3 +79,18 @@ def _quota_v2(folder: Path) -> Optional[float]:
 def _quota_v1(folder: Path) -> Optional[float]:
     quota = int((folder / "cpu.cfs_quota_us").read_text())                   # -1: no quota
     return None if quota < 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs whose parent is `pid` (Linux /proc; empty where it cannot be read)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue                # gone since the listing, or not ours to read
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found

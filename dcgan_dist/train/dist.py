@@ -333,14 +333,23 @@ def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None
     gc.collect()
     if clean:
         barrier(accelerator)
-        accelerator.end_training()
-    else:
-        for tracker in accelerator.trackers:
-            tracker.finish()
+    _finish_trackers(accelerator)
     accelerator.free_memory()
     if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
         _startup_group = None
         torch.distributed.destroy_process_group()
+
+
+def _finish_trackers(accelerator: Accelerator) -> None:
+    """W&B's finish must not fail the run: under Slurm a `scancel --signal=TERM` reaches every process of
+    the job, W&B's own service too, and finish() then raises ConnectionResetError on a finished run."""
+    for tracker in accelerator.trackers:
+        try:
+            tracker.finish()
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: W&B finish failed ({type(exc).__name__}: {exc}); the run's files are kept "
+                  "in run_dir/wandb", file=sys.stderr, flush=True)
+    accelerator.trackers = []
 
 
 def _sigterm_when_launcher_dies() -> None:

@@ -1,0 +1,138 @@
+"""Run `accelerate launch ...` so that a stop by signal is a clean, resumable exit with a known code.
+
+    python -m dcgan_dist.supervise -- accelerate launch ... launch/train.py ARGS
+
+docker/entrypoint.sh runs every training job through this, in the images, under Slurm and on
+Kubernetes. Without it, a SIGTERM reaches torchrun (the launcher inside `accelerate launch`), which
+forwards it to the ranks, kills them with SIGKILL 30 s later whether or not their checkpoint is
+written, and exits 1 with a SignalException: every restart policy then sees a preemption as a crash.
+
+Here the launcher ignores SIGTERM and SIGINT (PET_SIGNALS_TO_HANDLE leaves them out), and
+this process forwards them to the ranks themselves: they stop together at the next step boundary,
+write a checkpoint and exit 0, and the only deadline is the grace period of whoever sent the signal
+(`docker stop -t`, terminationGracePeriodSeconds, Slurm's KillWait). The exit code then says what
+happened (docs/DEPLOY.md, "Exit codes"):
+
+    0                      finished; or stopped by a signal, PREEMPTED_EXIT_CODE unset
+    PREEMPTED_EXIT_CODE    stopped by a signal, or by the loss of another machine: resume by restarting
+    4                      another machine was lost, PREEMPTED_EXIT_CODE unset
+    1, 3, ...              a real failure: the first failing rank's own code (1 if none told)
+
+Every rank tells its exit code in a file under DCGAN_EXIT_REPORT_DIR (errors.report_exit), because
+torchrun reports 1 for any failed rank.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from dcgan_dist.errors import EXIT_REPORT_ENV, PeerLost
+from dcgan_dist.host import children
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+POLL_S = 0.5
+
+
+def _launcher_setup() -> None:
+    """In the launcher, before exec: ignore what this process forwards, and die with this process."""
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+
+class Supervisor:
+    def __init__(self, cmd: list[str], report_dir: Path):
+        # torchrun's --signals-to-handle, read from its environment: SIGTERM and SIGINT left out.
+        env = {**os.environ, EXIT_REPORT_ENV: str(report_dir), "PET_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
+        self.requested: Optional[int] = None
+        self.signalled: dict[int, int] = {}          # rank PID -> the last signal sent to it
+        for sig in FORWARDED:
+            signal.signal(sig, self._on_signal)
+        self.launcher = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_setup)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = signum
+        self.signalled.clear()                       # a second signal is forwarded again (a second Ctrl-C kills)
+        self._forward()
+
+    def _forward(self) -> None:
+        """Send the requested signal to every rank (the launcher's children) not yet sent it. Ranks that
+        start after the signal get it when they appear."""
+        for pid in children(self.launcher.pid):
+            if self.signalled.get(pid) != self.requested:
+                try:
+                    os.kill(pid, self.requested)
+                except ProcessLookupError:
+                    continue
+                self.signalled[pid] = self.requested
+
+    def wait(self) -> int:
+        while True:
+            try:
+                return self.launcher.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                if self.requested is not None:
+                    self._forward()
+
+
+def rank_codes(report_dir: Path) -> dict[str, int]:
+    codes = {}
+    for path in sorted(report_dir.glob("rank-*")):
+        try:
+            codes[path.name] = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return codes
+
+
+def outcome(launcher_code: int, signalled: bool, codes: dict[str, int], preempted: Optional[int]) -> int:
+    """The job's exit code, from the launcher's, whether a stop was asked, and the ranks' own codes."""
+    if launcher_code == 0:
+        return (preempted or 0) if signalled else 0
+    failures = [c for c in codes.values() if c not in (0, PeerLost.exit_code)]
+    if failures:
+        return failures[0]
+    if signalled:                    # ranks that died of the forwarded signal itself: nothing is lost
+        return preempted or 0
+    if PeerLost.exit_code in codes.values():
+        return preempted or PeerLost.exit_code
+    return launcher_code if launcher_code > 0 else 128 - launcher_code
+
+
+def preempted_exit_code() -> Optional[int]:
+    value = os.environ.get("PREEMPTED_EXIT_CODE", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 255:
+        sys.exit(f"error: PREEMPTED_EXIT_CODE={value!r}: expected an exit code from 1 to 255, or unset")
+    return int(value)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        sys.exit("usage: python -m dcgan_dist.supervise -- accelerate launch ... launch/train.py ARGS")
+    preempted = preempted_exit_code()
+    with tempfile.TemporaryDirectory(prefix="dcgan-exit-") as report_dir:
+        supervisor = Supervisor(argv, Path(report_dir))
+        launcher_code = supervisor.wait()
+        codes = rank_codes(Path(report_dir))
+    code = outcome(launcher_code, supervisor.requested is not None, codes, preempted)
+    if supervisor.requested is not None:
+        what = "resumable: run the same command again" if code in (0, preempted) else "failed"
+        print(f"dcgan-dist: stopped by {signal.Signals(supervisor.requested).name}, exit {code} ({what})",
+              file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
