@@ -54,6 +54,7 @@ class Supervisor:
         env = {**os.environ, EXIT_REPORT_ENV: str(report_dir), "PET_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
         self.requested: Optional[int] = None
         self.signalled: dict[int, int] = {}          # rank PID -> the last signal sent to it
+        self.hung_up = False
         for sig in FORWARDED:
             signal.signal(sig, self._on_signal)
         self.launcher = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_setup)
@@ -65,8 +66,14 @@ class Supervisor:
 
     def _forward(self) -> None:
         """Send the requested signal to every rank (the launcher's children) not yet sent it. Ranks that
-        start after the signal get it when they appear."""
-        for pid in children(self.launcher.pid):
+        start after the signal get it when they appear. A launcher with no ranks yet (still in its
+        rendezvous, which can wait many minutes for a machine that will never come) has nothing to
+        checkpoint: it gets SIGHUP, which it does handle, and ends."""
+        ranks = children(self.launcher.pid)
+        if not ranks and not self.hung_up:
+            self.hung_up = True
+            os.kill(self.launcher.pid, signal.SIGHUP)
+        for pid in ranks:
             if self.signalled.get(pid) != self.requested:
                 try:
                     os.kill(pid, self.requested)

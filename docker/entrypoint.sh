@@ -69,6 +69,11 @@ if [[ "$machines" -gt 1 ]]; then
   fi
   cmd+=(--num_machines "$machines" --machine_rank "$machine_rank" --main_process_ip "$main_ip"
         --main_process_port "$port" --rdzv_backend "${RDZV_BACKEND:-static}")
+  if [[ "${RDZV_BACKEND:-static}" == c10d ]]; then
+    # Machine 0 hosts the c10d store. Left to guess, torchrun hosts it on any machine that finds the
+    # head's name among its own, and on one host (containers, a test cluster) that is every machine.
+    cmd+=(--rdzv_conf "is_host=$([[ "$machine_rank" == 0 ]] && echo 1 || echo 0)")
+  fi
 fi
 cmd+=(launch/train.py "$@")
 if [[ "$gpus" == 0 && -n "${CPU_THREADS_PER_RANK:-}" && " $* " != *" train.cpu_threads_per_rank="* ]]; then
