@@ -7,7 +7,7 @@ SYNTH  := data/synthetic
 SHARDS := data/shards/demo64
 NEED_GIB ?= 6.5
 
-.PHONY: setup demo test test-all clean-demo
+.PHONY: setup demo test test-all test-deploy clean-demo
 
 setup: $(STAMP)
 
@@ -54,11 +54,18 @@ demo: setup $(SHARDS)/manifest.json
 # for 523 s).
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -m 'not slow' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -m 'not slow and not deploy' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The slow ones one at a time: the benchmark scripts they run launch on the default port.
 test-all: test
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m 'slow and not deploy'
+
+# The deployment tests, for real: a Docker engine, a CPU base image and a two-node Slurm cluster on this
+# machine (root, Debian; tests/deploy/setup_host.sh installs and starts them), then the tests that use
+# them. Without them those tests skip, with one line each. .ci/run runs this after `make test`.
+test-deploy: setup
+	tests/deploy/setup_host.sh
+	$(BIN)/python -m pytest -q -m deploy -p no:xdist -s tests/test_deploy_docker.py tests/test_deploy_slurm.py
 
 clean-demo:
 	rm -rf runs/demo

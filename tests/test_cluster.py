@@ -4,6 +4,7 @@ run_dir, a stale lock, a full disk during a save. And the SLURM script, rendered
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -109,7 +110,10 @@ def test_killing_one_machine_stops_the_other_then_both_resume(shards32, tmp_path
     and rank 0, which holds the run_dir lock: killing it leaves a stale lock for the rerun to detect.
     Machine 1 (slow-marked: test_faults kills one rank of a job, much the same) must also stop machine 0."""
     run_dir = tmp_path / "run"
-    machines = start_machines(train_keys(shards32, run_dir, steps=100000), free_port(), tmp_path, "long")
+    # The survivor's exit code: 4 (lost contact), or PREEMPTED_EXIT_CODE where set, as on Kubernetes.
+    preempted = {"PREEMPTED_EXIT_CODE": "143"} if victim == 0 else {}
+    machines = start_machines(train_keys(shards32, run_dir, steps=100000), free_port(), tmp_path, "long",
+                              env=preempted)
     everything = []
     try:
         wait_for(lambda: (run_dir / "checkpoints/step-00000004/COMPLETE").is_file(), machines[0], timeout=180,
@@ -119,7 +123,7 @@ def test_killing_one_machine_stops_the_other_then_both_resume(shards32, tmp_path
         t0 = time.time()
         survivor = machines[1 - victim]
         survivor.wait(timeout=60)
-        assert survivor.returncode != 0 and time.time() - t0 < 60
+        assert survivor.returncode == (143 if preempted else 4) and time.time() - t0 < 60
         _, alive = psutil.wait_procs(everything, timeout=30)
         assert not alive, f"left running: {[p.cmdline()[:4] for p in alive]}"
     finally:
@@ -191,6 +195,24 @@ def test_slurm_script_is_valid_bash_and_renders_one_launch_per_node():
         assert f"--machine_rank {node} " in launch and "--num_machines 4 " in launch and "--num_processes 32 " in launch
         assert "--main_process_ip gpu-a7 " in launch and "--mixed_precision bf16 " in launch
         assert launch.endswith("launch/train.py --config configs/celeba64.yaml run_dir=/shared/runs/a\\ b")
+
+
+def test_slurm_script_on_cpu_nodes_starts_one_rank_per_node_with_all_its_cpus():
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "3", "SLURM_JOB_NODELIST": "cpu-1,cpu-2,cpu-3",
+           "SLURM_CPUS_PER_TASK": "16", "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}
+    env.pop("SLURM_GPUS_ON_NODE", None)
+    out = run(["bash", "launch/slurm.sbatch", "--config", "configs/demo.yaml"], env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "3 node(s) x no GPU(s), 16 CPU(s) per node, rendezvous at cpu-1:29500, attempt 2" in out.stderr
+    line = out.stdout.splitlines()[2].split(": ", 1)[1]
+    assert "PET_RDZV_ID=dcgan-77-2 " in line           # a requeued attempt never meets the old store
+    shown = run(["bash", "-c", line], env={**os.environ, "DRY_RUN": "1", "PATH": PATH_ENV["PATH"], "CUDA_VISIBLE_DEVICES": ""},
+                timeout=30)
+    launch = shlex.split(shown.stderr.strip().splitlines()[-1].removeprefix("dcgan-dist: "))
+    flag = dict(zip(launch[2:launch.index("launch/train.py"):2], launch[3:launch.index("launch/train.py"):2]))
+    assert flag["--config_file"] == "configs/accelerate/cpu_2proc.yaml" and flag["--num_processes"] == "3"
+    assert flag["--machine_rank"] == "2" and flag["--rdzv_backend"] == "c10d" and flag["--rdzv_conf"] == "is_host=0"
+    assert launch[-1] == "train.cpu_threads_per_rank=16"
 
 
 def test_slurm_rendered_commands_run_as_one_c10d_job(shards32, tmp_path):
