@@ -4,6 +4,7 @@
       config.yaml          the resolved config, schema keys only: `--config run_dir/config.yaml` reloads it
       run.json             facts about the run: world size, precision, global batch, workers, dataset size,
                            CPU layers with forward-form weight gradients
+      wandb-run-id         the W&B run id, from the first start: every restart logs to that run
       LOCK                 while a job runs: which host and process hold this run_dir (runlock.py)
       metrics.jsonl        one JSON row per log step (training) and per evaluation ("eval/..." keys)
       checkpoints/step-XXXXXXXX/   full training state (checkpoint.py), and generator.safetensors, the
@@ -40,6 +41,10 @@ class RunLayout:
     @property
     def facts(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / "wandb-run-id"
 
     @property
     def lock(self) -> Path:

@@ -39,6 +39,27 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+def valid_run_id(value) -> bool:
+    return isinstance(value, str) and value.isalnum() and 0 < len(value) <= 64
+
+
+def run_id_for(run_dir: str | Path, from_checkpoint: Optional[str], new: str) -> str:
+    """The run_dir's W&B run id (rank 0). Kept in run_dir from the first start, so a job killed before
+    its first checkpoint still logs to the same run when rerun. Older run folders have it only in their
+    checkpoints; it is written out on their next start."""
+    path = RunLayout.of(run_dir).wandb_id
+    kept = None
+    if path.is_file():
+        kept = path.read_text().strip()
+        if not valid_run_id(kept):
+            _warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
+            kept = None
+    run_id = kept or (from_checkpoint if valid_run_id(from_checkpoint) else new)
+    if run_id != kept:
+        atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict: dict) -> Optional[str]:
     """Start the W&B run on rank 0 through Accelerate's tracker. Returns the mode it ended up in."""
     if cfg.wandb.mode == "disabled" or not accelerator.is_main_process:
