@@ -97,3 +97,8 @@ class RunLayout:
     @property
     def reals(self) -> Path:
         return self.samples / "reals.png"
+
+
+def valid_run_id(value) -> bool:
+    """A W&B run id as dcgan-dist writes them: up to 64 letters and digits (it names folders and URLs)."""
+    return isinstance(value, str) and value.isalnum() and 0 < len(value) <= 64

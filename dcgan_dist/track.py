@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dcgan_dist.config import Config
 from dcgan_dist.fsutil import atomic_write_text
-from dcgan_dist.layout import RunLayout
+from dcgan_dist.layout import RunLayout, valid_run_id
 from dcgan_dist.redact import redact
 from dcgan_dist.report import grid_image
 
@@ -39,14 +39,11 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def valid_run_id(value) -> bool:
-    return isinstance(value, str) and value.isalnum() and 0 < len(value) <= 64
-
-
-def run_id_for(run_dir: str | Path, from_checkpoint: Optional[str], new: str) -> str:
-    """The run_dir's W&B run id (rank 0). Kept in run_dir from the first start, so a job killed before
-    its first checkpoint still logs to the same run when rerun. Older run folders have it only in their
-    checkpoints; it is written out on their next start."""
+def run_id_for(run_dir: str | Path, fallback: str) -> str:
+    """The run_dir's W&B run id (rank 0), or `fallback` (the checkpoint's id, else a new one) written
+    there. Kept in run_dir from the first start, so a job killed before its first checkpoint still logs
+    to the same run when rerun. Older run folders have it only in their checkpoints; it is written out
+    on their next start."""
     path = RunLayout.of(run_dir).wandb_id
     kept = None
     if path.is_file():
@@ -54,7 +51,7 @@ def run_id_for(run_dir: str | Path, from_checkpoint: Optional[str], new: str) ->
         if not valid_run_id(kept):
             _warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
             kept = None
-    run_id = kept or (from_checkpoint if valid_run_id(from_checkpoint) else new)
+    run_id = kept or fallback
     if run_id != kept:
         atomic_write_text(path, run_id + "\n")
     return run_id

@@ -41,7 +41,7 @@ from accelerate import Accelerator
 
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir
-from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
+from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout, valid_run_id
 from dcgan_dist.train import dist
 from dcgan_dist.train.step import Nets
 
@@ -355,7 +355,7 @@ def _check_trainer_state(state) -> None:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
         raise Unreadable(f"{STATE_FILE} has no step count")
     run_id = state.get("wandb_run_id")
-    if run_id is not None and (not isinstance(run_id, str) or not run_id.isalnum() or len(run_id) > 64):
+    if run_id is not None and not valid_run_id(run_id):
         raise Unreadable(f"{STATE_FILE} has a W&B run id that is not a short alphanumeric string")
 
 

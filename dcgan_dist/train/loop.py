@@ -179,7 +179,7 @@ def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Opt
                  "cpu_forward_weight_grad_layers": switched_layers(nets.G_local, nets.D_local)}
     if accelerator.is_main_process:
         layout = RunLayout.of(cfg.run_dir)
-        trainer_state["wandb_run_id"] = run_id_for(cfg.run_dir, trainer_state.get("wandb_run_id"), _new_run_id())
+        trainer_state["wandb_run_id"] = run_id_for(cfg.run_dir, trainer_state.get("wandb_run_id") or _new_run_id())
         save_config(cfg, layout.config, facts=run_facts)
         atomic_write_text(layout.facts, json.dumps(redact_all(run_facts), indent=1) + "\n")
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={full_set.manifest['count']} "
