@@ -95,20 +95,18 @@ def main_guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        code = 1                                  # what an uncaught exception exits with
         try:
             result = fn(*args, **kwargs)
+            code = 0
+            return result
         except UserError as exc:
             message, code, every_node = str(exc), exc.exit_code, getattr(exc, "every_node", False)
         except SystemExit as exc:
-            report_exit(exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             raise
-        except BaseException:
-            report_exit(1)
-            raise
-        else:
-            report_exit(0)
-            return result
-        report_exit(code)
+        finally:
+            report_exit(code)
         # Exit outside the except block: the traceback (and any loader workers its frames hold) is freed
         # first, so interpreter shutdown never waits on a worker that nobody will stop.
         if _first_on_this_machine() if every_node else os.environ.get("RANK", "0") == "0":

@@ -11,7 +11,7 @@ Here the launcher ignores SIGTERM and SIGINT (PET_SIGNALS_TO_HANDLE leaves them 
 this process forwards them to the ranks themselves: they stop together at the next step boundary,
 write a checkpoint and exit 0, and the only deadline is the grace period of whoever sent the signal
 (`docker stop -t`, terminationGracePeriodSeconds, Slurm's KillWait). The exit code then says what
-happened (docs/DEPLOY.md, "Exit codes"):
+happened (README.md, "Exit codes"):
 
     0                      finished; or stopped by a signal, PREEMPTED_EXIT_CODE unset
     PREEMPTED_EXIT_CODE    stopped by a signal, or by the loss of another machine: resume by restarting
