@@ -98,22 +98,30 @@ def wait_training(run_dir: Path, container: str, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
-def test_two_cpu_ranks_train_stop_exit_0_and_resume_then_generate(image, volumes, shards):
+def train_args(shards: str, run_dir: str, steps: int) -> list[str]:
+    return ["--config", "configs/demo.yaml", f"data.shards={shards}", f"run_dir={run_dir}",
+            f"train.steps={steps}", "train.ckpt_every=100000", *TINY]
+
+
+def stop_mid_run(image: str, volumes: Path, shards: str, run_dir: str, env: list[str] = ()) -> tuple[str, str, float]:
+    """Start a long job in a container, `docker stop` it once it trains: (exit code, logs, stop seconds)."""
     name = f"dcgan-test-{uuid.uuid4().hex[:8]}"
-    args = ["--config", "configs/demo.yaml", f"data.shards={shards}", "run_dir=/runs/r", "train.steps=100000",
-            "train.ckpt_every=100000", *TINY]
-    docker(*run_args(volumes, name, detach=True), image, *args)
-    run_dir = volumes / "runs/r"
+    docker(*run_args(volumes, name, detach=True), *env, image, *train_args(shards, run_dir, 100000))
     try:
-        wait_training(run_dir, name)
+        wait_training(volumes / run_dir.removeprefix("/"), name)
         t0 = time.time()
         docker("stop", "-t", "120", name, timeout=180)
         stop_s = time.time() - t0
         code = docker("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
         shown = docker("logs", name)
-        logs = shown.stdout + shown.stderr
     finally:
         docker("rm", "-f", name, check=False)
+    return code, shown.stdout + shown.stderr, stop_s
+
+
+def test_two_cpu_ranks_train_stop_exit_0_and_resume_then_generate(image, volumes, shards):
+    code, logs, stop_s = stop_mid_run(image, volumes, shards, "/runs/r")
+    run_dir = volumes / "runs/r"
     print(f"\ndocker: `docker stop` to exit in {stop_s:.1f} s")
     assert code == "0", logs[-3000:]
     assert "dcgan-dist: world_size=2 " in logs and "stopped by SIGTERM, exit 0" in logs
@@ -122,8 +130,7 @@ def test_two_cpu_ranks_train_stop_exit_0_and_resume_then_generate(image, volumes
     assert os.stat(saved).st_uid == 1000
     step = int(saved.name.split("-")[1])
 
-    again = docker(*run_args(volumes), image, *args[:-len(TINY) - 2], f"train.steps={step + 4}",
-                   "train.ckpt_every=100000", *TINY, timeout=300)
+    again = docker(*run_args(volumes), image, *train_args(shards, "/runs/r", step + 4), timeout=300)
     assert f"resuming from /runs/r/checkpoints/{saved.name}" in again.stdout, again.stderr[-3000:]
     assert (run_dir / f"checkpoints/step-{step + 4:08d}/COMPLETE").is_file()
 
@@ -136,17 +143,8 @@ def test_two_cpu_ranks_train_stop_exit_0_and_resume_then_generate(image, volumes
 def test_preempted_exit_code_is_what_kubernetes_retries(image, volumes, shards):
     """PREEMPTED_EXIT_CODE=143 as the manifests in docker/k8s/ set it: a stop by signal exits 143
     (retryable to restartPolicy: ExitCode); a bad input still exits 1 (permanent)."""
-    name = f"dcgan-test-{uuid.uuid4().hex[:8]}"
-    args = ["--config", "configs/demo.yaml", f"data.shards={shards}", "run_dir=/runs/k8s", "train.steps=100000",
-            "train.ckpt_every=100000", *TINY]
-    docker(*run_args(volumes, name, detach=True), "-e", "PREEMPTED_EXIT_CODE=143", image, *args)
-    try:
-        wait_training(volumes / "runs/k8s", name)
-        docker("stop", "-t", "120", name, timeout=180)
-        code = docker("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
-    finally:
-        docker("rm", "-f", name, check=False)
-    assert code == "143"
+    code, logs, _ = stop_mid_run(image, volumes, shards, "/runs/k8s", env=["-e", "PREEMPTED_EXIT_CODE=143"])
+    assert code == "143", logs[-3000:]
     bad = docker(*run_args(volumes), "-e", "PREEMPTED_EXIT_CODE=143", image, "--config", "configs/demo.yaml",
                  "data.shards=/data/nothing-here", "run_dir=/runs/bad", *TINY, check=False, timeout=300)
     assert bad.returncode == 1, bad.stderr[-3000:]
