@@ -16,7 +16,7 @@ import yaml
 
 from conftest import BIN, ROOT, launch_cmd, overrides, run
 from test_faults import fp32_args, kill_group, start, wait_for, workers
-from wandb_file import config as wandb_config
+from dcgan_dist.wandb_file import config as wandb_config
 
 PATH_ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 

@@ -10,8 +10,8 @@ import yaml
 
 from conftest import ALL_CORES, accelerate_launch, on_all_cores, run, saved_net
 from conftest import read_metrics as metrics
-from wandb_file import config as wandb_config
-from wandb_file import history, run_ids
+from dcgan_dist.wandb_file import config as wandb_config
+from dcgan_dist.wandb_file import history, run_ids
 
 
 def tiny(shards, run_dir, steps=12):
