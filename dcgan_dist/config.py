@@ -128,11 +128,27 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = _opt("offline", "offline|online|disabled. Offline runs land in run_dir/wandb.",
-                     choices=("offline", "online", "disabled"))
-    project: str = _opt("dcgan-dist", "W&B project name.")
-    entity: Optional[str] = _opt(None, "W&B entity (team or user); null = your default.")
-    name: Optional[str] = _opt(None, "W&B run name; null = the run_dir's name.")
+    # A null key leaves its WANDB_* variable (in brackets) in charge, as wandb.init would; given here, the
+    # key wins over the variable.
+    mode: str = _opt("auto", "auto: [WANDB_MODE] if set, else online when a W&B key is there (WANDB_API_KEY or "
+                             "~/.netrc) and its server answers, else offline with one line saying so. Offline runs "
+                             "land in run_dir/wandb.", choices=("auto", "online", "offline", "disabled"))
+    project: Optional[str] = _opt(None, "W&B project; null = [WANDB_PROJECT], else dcgan-dist.")
+    entity: Optional[str] = _opt(None, "W&B team or user; null = [WANDB_ENTITY], else your default.")
+    name: Optional[str] = _opt(None, "Run name; null = [WANDB_NAME], else the run_dir's name.")
+    group: Optional[str] = _opt(None, "Run group, to compare runs side by side; null = [WANDB_RUN_GROUP].")
+    tags: Optional[str] = _opt(None, "Comma list of run tags, e.g. baseline,bf16; null = [WANDB_TAGS].")
+    notes: Optional[str] = _opt(None, "A note shown with the run; null = [WANDB_NOTES].")
+    job_type: Optional[str] = _opt(None, "Run job type; null = [WANDB_JOB_TYPE], else train.")
+    init_timeout_s: float = _opt(10.0, "Seconds rank 0 may wait for an online W&B to start before it logs offline "
+                                       "(the other ranks wait at their next step meanwhile).", min=1.0, max=300.0)
+    log_model: bool = _opt(True, "Log the EMA generator (generator.safetensors) as a model artifact when the "
+                                 "best checkpoint changes and at the end (aliases best, latest).")
+    log_checkpoints: bool = _opt(False, "Also log every full checkpoint (weights, optimizer, RNG states) as an "
+                                        "artifact: large uploads.")
+    samples_table: bool = _opt(True, "At each evaluation, a table of the fixed-noise samples with the attribute "
+                                     "classifier's scores (needs SHARDS/attributes.safetensors from "
+                                     "launch/attributes.py; skipped for shards without attributes).")
 
 
 @dataclass

@@ -11,7 +11,8 @@
                            EMA generator alone (snapshot.py); checkpoints/best/ likewise, by eval.best_by
       generator.safetensors   a copy of the best snapshot (of the latest while there is no best)
       samples/             reals.png, fakes-XXXXXXXX.png (EMA G), raw-XXXXXXXX.png (raw G), report pictures
-      wandb/               the W&B run (offline runs are synced from here)
+      wandb/               the W&B run: offline-run-*/ (one per start, uploaded as one run by
+                           launch/wandb_sync.py), data/ (artifact files staged for that upload)
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ class RunLayout:
     @property
     def wandb_id(self) -> Path:
         return self.root / "wandb-run-id"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
 
     @property
     def lock(self) -> Path:

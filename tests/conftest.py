@@ -46,7 +46,8 @@ def on_all_cores() -> None:
 # Seconds of worker time per module, measured on 2 vCPUs (2026-11-28; test_trust 2026-12-01); the rest take
 # under 10 s each.
 HEAVY_MODULES = {"test_trust": 190, "test_benchmarks": 190, "test_faults": 190, "test_cluster": 160,
-                 "test_launch": 150, "test_remote": 98, "test_generate": 81, "test_rescale": 79, "test_bad_input": 63}
+                 "test_launch": 150, "test_remote": 98, "test_wandb_dashboard": 90, "test_generate": 81,
+                 "test_rescale": 79, "test_bad_input": 63}
 
 
 def heaviest_modules_first(items) -> None:
