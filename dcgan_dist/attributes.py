@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import ordered_blocks
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
+from dcgan_dist.redact import redact
 
 FORMAT = "dcgan-dist-attributes/1"
 CACHE_NAME = "attributes.safetensors"
@@ -182,3 +184,33 @@ def parse_expression(text: str) -> list[tuple[int, list[tuple[str, bool]]]]:
                         "each a comma list of attribute names, ~ for absent, e.g. "
                         "\"Smiling,~Male - ~Smiling,~Male + ~Smiling,Male\"")
     return [(1 if op == "+" else -1, parse_concept(c)) for op, c in zip(ops, concepts)]
+
+
+def scorer_for(shard_set: ShardSet) -> Optional[AttributeNet]:
+    """The classifier cached next to a local shard set, for the W&B samples table; None, with one line
+    saying why, when there is none to use (quietly for shards without attributes). Never trains one:
+    on rank 0 mid-run that would hold every other rank."""
+    if not shard_set.manifest.get("attributes"):
+        return None
+    location = str(shard_set.location)
+    if shard_set.shards[0].remote:
+        print(f"dcgan-dist: no W&B samples table: the attribute classifier is looked for next to local "
+              f"shards only, not at '{redact(location)}'", file=sys.stderr, flush=True)
+        return None
+    path = cached_path(Path(location))
+    if not path.is_file():
+        print(f"dcgan-dist: no W&B samples table: no attribute classifier at {path} (make one with "
+              f"`python launch/attributes.py --shards {location}`)", file=sys.stderr, flush=True)
+        return None
+    net, meta = load_classifier(path)
+    if meta["manifest_digest"] != shard_set.digest:
+        print(f"dcgan-dist: no W&B samples table: {path} was trained on another version of the shards; "
+              "run launch/attributes.py again", file=sys.stderr, flush=True)
+        return None
+    return net
+
+
+@torch.no_grad()
+def probabilities(net: AttributeNet, images_u8: torch.Tensor) -> torch.Tensor:
+    """(N, 40) P(attribute) for uint8 images on the CPU."""
+    return torch.sigmoid(torch.cat([net(b) for b in images_u8.split(256)]))

@@ -9,6 +9,8 @@ well defined. The same seed gives the same images on the same device.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +31,10 @@ REFERENCE_SEED = 2**31 - 1
 
 
 def resolve_snapshot(path: str | Path) -> Path:
-    """A snapshot file; a checkpoint dir (its snapshot); a run dir (its best snapshot, else the latest)."""
+    """A snapshot file; a checkpoint dir (its snapshot); a run dir (its best snapshot, else the latest);
+    a downloaded artifact folder; or wandb:[ENTITY/]PROJECT/NAME:ALIAS, downloaded first."""
+    if str(path).startswith("wandb:"):
+        path = download_artifact(str(path))
     p = Path(path)
     if not p.exists():
         raise UserError(f"--checkpoint '{p}': no such file or directory")
@@ -42,6 +47,36 @@ def resolve_snapshot(path: str | Path) -> Path:
             return candidate
     raise UserError(f"--checkpoint '{p}': no {FILENAME} in it (expected a run dir, a checkpoint dir or a "
                     "snapshot file; runs save one with every checkpoint)")
+
+
+WANDB_REF = re.compile(r"^wandb:(?:[\w.-]+/)?[\w.-]+/[\w.-]+:[\w.-]+$")
+
+
+def download_artifact(ref: str) -> Path:
+    """The folder a model artifact (as the trainer logs it: generator-RUNID, aliases best and latest)
+    is downloaded to: WANDB_ARTIFACT_DIR (default ./artifacts)/NAME:ALIAS, as wandb lays it out."""
+    from dcgan_dist.track import has_wandb_credentials, server_unreachable
+
+    if not WANDB_REF.match(ref):
+        raise UserError(f"--checkpoint '{ref}': expected wandb:[ENTITY/]PROJECT/NAME:ALIAS, e.g. "
+                        "wandb:me/dcgan-dist/generator-1a2b3c4d:best")
+    if not has_wandb_credentials():
+        raise UserError(f"--checkpoint '{ref}': fetching a W&B artifact needs an API key (WANDB_API_KEY or "
+                        "`wandb login`); or pass the folder it was downloaded to")
+    host = server_unreachable()
+    if host:
+        raise UserError(f"--checkpoint '{ref}': the W&B server {host} does not answer; or pass the folder it "
+                        "was downloaded to")
+    import wandb
+
+    name = ref[len("wandb:"):]
+    try:
+        artifact = wandb.Api(timeout=30).artifact(name, type="model")
+        return Path(artifact.download(root=str(Path(os.environ.get("WANDB_ARTIFACT_DIR", "artifacts"))
+                                              / name.rsplit("/", 1)[-1])))
+    except Exception as exc:  # noqa: BLE001 - wandb raises many kinds; each is the same error here
+        raise UserError(f"--checkpoint '{ref}': cannot fetch it from W&B ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
 
 
 class Renderer:

@@ -7,7 +7,8 @@
     python launch/generate.py --checkpoint runs/demo --output smile.png \\
         --arithmetic "Smiling,~Male - ~Smiling,~Male + ~Smiling,Male"
 
---checkpoint: a run dir (its best snapshot, else the latest), a checkpoint dir, or a generator.safetensors.
+--checkpoint: a run dir (its best snapshot, else the latest), a checkpoint dir, a generator.safetensors,
+a downloaded artifact folder, or a W&B model artifact: wandb:ENTITY/PROJECT/generator-RUNID:best (needs a key).
 The same --seed gives the same images on the same device; bf16 is used where the hardware runs it.
 """
 import argparse
@@ -19,7 +20,7 @@ from dcgan_dist.errors import UserError, main_guard
 @main_guard
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or generator.safetensors")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, generator.safetensors or wandb:ENTITY/PROJECT/NAME:ALIAS")
     p.add_argument("--output", required=True, help="OUT.png for a grid or figure; a folder for one PNG per image")
     p.add_argument("--num", type=int, default=64, help="images (grid or folder; default 64)")
     p.add_argument("--seed", type=int, default=0)

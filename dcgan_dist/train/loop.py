@@ -27,11 +27,12 @@ from dcgan_dist.config import Config, metric_list, save_config
 from dcgan_dist.data.remote import is_remote
 from dcgan_dist.data.shards import ShardSet, verify
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
+from dcgan_dist.attributes import scorer_for
 from dcgan_dist.augment import parse_policy
 from dcgan_dist.ema import EMA
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writable
-from dcgan_dist.layout import RunLayout
+from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
 from dcgan_dist.models import build_models
 from dcgan_dist.redact import redact, redact_all
 from dcgan_dist.report import write_report
@@ -185,15 +186,21 @@ def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Opt
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={full_set.manifest['count']} "
               f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
               flush=True)
+    # start_step tells launch/wandb_sync.py where this start took over from the one before it.
     wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"],
-                             redact_all({**cfg.to_dict(), "run": run_facts}))
+                             redact_all({**cfg.to_dict(), "run": {**run_facts, "start_step": start_step}}))
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
+    if accelerator.is_main_process:
+        _log_best_again(tracker, cfg, trainer_state["wandb_run_id"], full_set.digest)
+    table_scorer = scorer_for(full_set) if tracker.use_wandb and cfg.wandb.samples_table and \
+        metric_list(cfg.eval.metrics) else None
     loader = make_loader(shard_set, cfg.data.batch_size, cfg.seed, rank, world, workers, cfg.data.shuffle_buffer,
                          start_step, pin_memory=accelerator.device.type == "cuda", cache=cache)
     runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
     evaluator = Evaluator(accelerator, cfg, full_set, cache) if metric_list(cfg.eval.metrics) else None
     run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator, "lock": lock,
-           "data_errors": len(newly_excluded) if accelerator.is_main_process else 0}
+           "data_errors": len(newly_excluded) if accelerator.is_main_process else 0, "scorer": table_scorer,
+           "manifest_digest": full_set.digest}
     clean = False
     try:
         _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, progress)
@@ -290,6 +297,9 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
                                best=best, extra_files=snapshot)
         if accelerator.is_main_process:
             _publish_generator(RunLayout.of(cfg.run_dir), path, best)
+            final = done == cfg.train.steps and not best          # the regular save that follows is the last
+            _log_artifacts(tracker, cfg, path, trainer_state, trainer_state["wandb_run_id"], run["manifest_digest"],
+                           best, final)
 
     evaluator = run["evaluator"]
 
@@ -304,8 +314,9 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         batch, data_errors = next_batch(run["batches"])
         interval.data_errors += data_errors
         if step == 0:
-            tracker.images(0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1, tracker.layout.reals)
-            _samples(tracker, nets, fixed_z, 0)
+            tracker.images(0, 0.0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1,
+                           tracker.layout.reals)
+            _samples(tracker, nets, fixed_z, 0, 0.0)
         runner(batch, step)
         interval.n += 1
         done = step + 1
@@ -314,21 +325,71 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         if done % cfg.train.log_every == 0 or last:
             _log(accelerator, cfg, tracker, totals, interval, done, progress)
         if done % cfg.train.sample_every == 0 or last:
-            _samples(tracker, nets, fixed_z, done)
+            _samples(tracker, nets, fixed_z, done, progress.kimg(done))
         if evaluator is not None and (_eval_due(cfg, progress, done) or last):
             started = time.time()
             if _evaluate(evaluator, nets, tracker, trainer_state, done, progress):
                 save(done, best=True)
+            if run["scorer"] is not None:
+                _samples_table(tracker, run["scorer"], nets, fixed_z, done, progress.kimg(done))
             interval.t += time.time() - started          # images_per_s counts training time only
         if done % cfg.train.ckpt_every == 0 or last:
             save(done)
 
 
-def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int) -> None:
+def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int, kimg: float) -> None:
     """The fixed-noise grid from the EMA generator, and the raw G's beside it."""
     if tracker.enabled:
-        tracker.images(step, "samples/fake", sample(nets.ema.module, fixed_z), tracker.layout.fakes(step))
-        tracker.images(step, "samples/fake_raw", sample(nets.G_local, fixed_z), tracker.layout.fakes(step, raw=True))
+        tracker.images(step, kimg, "samples/fake", sample(nets.ema.module, fixed_z), tracker.layout.fakes(step))
+        tracker.images(step, kimg, "samples/fake_raw", sample(nets.G_local, fixed_z),
+                       tracker.layout.fakes(step, raw=True))
+
+
+def _samples_table(tracker: Tracker, scorer, nets: Nets, fixed_z: torch.Tensor, step: int, kimg: float) -> None:
+    """Rank 0: the EMA generator's fixed-noise samples with the attribute classifier's scores."""
+    from dcgan_dist.attributes import probabilities
+    from dcgan_dist.data.celeba import ATTRIBUTE_NAMES
+    from dcgan_dist.metrics import to_uint8
+
+    with torch.no_grad():
+        images = to_uint8(sample(nets.ema.module, fixed_z)).cpu()
+    tracker.samples_table(step, kimg, images, probabilities(scorer, images), list(ATTRIBUTE_NAMES))
+
+
+def _log_artifacts(tracker: Tracker, cfg: Config, saved: Path, state: dict, run_id: str, manifest_digest: str,
+                   best: bool, final: bool, checkpoints: bool = True) -> None:
+    """Rank 0: the EMA generator of checkpoint `saved` (its trainer_state: `state`) as a `model`
+    artifact when the best changes (alias best) and at the end (alias latest, and best if it is), with
+    what a reader needs to trust it; every full checkpoint too with wandb.log_checkpoints. W&B keeps
+    one version per distinct file, so a best saved at the last step is one version with both aliases."""
+    done = state["step"]
+    best_step = (state.get("best") or {}).get("step")
+    aliases = (["best"] if best or best_step == done else []) + (["latest"] if final else []) + [f"step-{done}"]
+    metadata = {"step": done, "kimg": state.get("kimg"), "metrics": state.get("last_eval", {}),
+                "best": state.get("best"), "run_id": run_id, "shards_manifest_digest": manifest_digest,
+                "model": {"resolution": cfg.model.resolution, "nz": cfg.model.nz, "ngf": cfg.model.ngf,
+                          "ndf": cfg.model.ndf}}
+    if cfg.wandb.log_model and (best or final):
+        tracker.artifact(f"generator-{run_id}", "model", {SNAPSHOT: saved / SNAPSHOT}, aliases, metadata)
+    if cfg.wandb.log_checkpoints and checkpoints:
+        files = {str(f.relative_to(saved)): f for f in sorted(saved.rglob("*")) if f.is_file()}
+        tracker.artifact(f"checkpoint-{run_id}", "checkpoint", files, aliases, metadata)
+
+
+def _log_best_again(tracker: Tracker, cfg: Config, run_id: str, manifest_digest: str) -> None:
+    """Rank 0, at every start: the best checkpoint's generator as the model artifact, again. wandb
+    writes an artifact's record only once it has staged the file, so a best found shortly before a
+    kill can be missing from the killed segment's run file; logging it again costs one more version
+    only where it was lost."""
+    best = RunLayout.of(cfg.run_dir).best
+    if not (tracker.use_wandb and cfg.wandb.log_model and (best / MARKER).is_file() and (best / SNAPSHOT).is_file()):
+        return
+    try:
+        state = json.loads((best / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and isinstance(state.get("step"), int):
+        _log_artifacts(tracker, cfg, best, state, run_id, manifest_digest, best=True, final=False, checkpoints=False)
 
 
 def _publish_generator(layout: RunLayout, saved: Path, best: bool) -> None:
