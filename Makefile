@@ -31,12 +31,16 @@ $(SHARDS)/manifest.json: $(SYNTH)/celeba/list_attr_celeba.txt dcgan_dist/data/sh
 	$(BIN)/python launch/shard.py --input $(SYNTH) --output $(SHARDS) --resolution 64 --split train \
 		--shard-size 400 --workers 2
 
+# The attribute classifier scores the samples table in the W&B run (and face arithmetic later).
+$(SHARDS)/attributes.safetensors: $(SHARDS)/manifest.json
+	$(BIN)/python launch/attributes.py --shards $(SHARDS) > /dev/null
+
 # Two gloo ranks on the CPU, bf16 autocast. Rerunning resumes from runs/demo/checkpoints.
-demo: setup $(SHARDS)/manifest.json
+demo: setup $(SHARDS)/manifest.json $(SHARDS)/attributes.safetensors
 	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml \
 		launch/train.py --config configs/demo.yaml
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
-	@echo "W&B offline run: runs/demo/wandb/  (upload with: $(BIN)/wandb sync runs/demo/wandb/offline-run-*)"
+	@echo "W&B run: runs/demo/wandb/  (if offline, upload it with: $(BIN)/python launch/wandb_sync.py runs/demo)"
 
 # What CI runs: 13 to 14 minutes on 2 cores, install included (12.9, 13.4 and 13.8 min in fresh clones, 2026-12-01).
 # `slow` marks what repeats other tests at length: the 20-run exit-code soak (every other launch asserts
