@@ -28,6 +28,9 @@ from dcgan_dist.redact import redact
 from dcgan_dist.report import grid_image
 
 
+_USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")       # the user's choice, kept for every run of the process
+
+
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -146,7 +149,7 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
         return None
     # Staged artifact files wait for `wandb sync` inside the run folder, not in a home directory that a
     # container may not be able to write.
-    os.environ.setdefault("WANDB_DATA_DIR", str((RunLayout.of(cfg.run_dir).wandb / "data").resolve()))
+    os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout.of(cfg.run_dir).wandb / "data").resolve())
     for attempt in (mode, "offline") if mode == "online" else (mode,):
         project, kwargs = init_kwargs(cfg, run_id, attempt)
         # W&B stores the command line (sys.argv) in the run's metadata; a data.shards=... there may hold

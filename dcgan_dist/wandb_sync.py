@@ -209,13 +209,13 @@ def sync(run_dir: Path, wandb_cli: Optional[str], dry_run: bool = False, include
     wandb_dir = RunLayout.of(run_dir).wandb
     if dry_run:
         print("dry run: would run: " + " ".join(sync_command(cli, run_id, [s.folder for s in segments],
-                                                             project or segments[0].project,
-                                                             entity or segments[0].entity)), flush=True)
+                                                             project or segments[-1].project,
+                                                             entity or segments[-1].entity)), flush=True)
         return 0
     if not has_wandb_credentials():
         raise UserError("no W&B API key (set WANDB_API_KEY or run `wandb login`); nothing was uploaded")
     folders = [cut(seg, wandb_dir / "sync") for seg in segments]
-    cmd = sync_command(cli, run_id, folders, project or segments[0].project, entity or segments[0].entity)
+    cmd = sync_command(cli, run_id, folders, project or segments[-1].project, entity or segments[-1].entity)
     print("running: " + " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:
