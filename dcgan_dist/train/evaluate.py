@@ -1,4 +1,4 @@
-"""FID, KID and SWD of a generator during training, spread over every rank.
+"""The registry's metrics (FID, KID, SWD, precision and recall) of a generator during training, spread over every rank.
 
 The eval set is fixed: the shards' first `eval.num_images` images, and as many latents drawn from a
 fixed seed. The latents are cut into batches of `eval.batch_per_rank`; batch j is generated on rank
@@ -41,21 +41,24 @@ class Evaluator:
         self.z = torch.randn(self.num, cfg.model.nz,
                              generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
         self.inception = None
-        if {"fid", "kid"} & set(self.metrics):
+        if any(metrics.REGISTRY[m].needs_inception for m in self.metrics):
             self.inception = metrics.load_inception(cfg.eval.inception_weights, accelerator.device,
                                                     quiet=not accelerator.is_main_process)
         self.real_u8 = first_images(shard_set, self.num, cache)
         self.real_features = self._real_features() if self.inception is not None else None
 
     def best_metric(self) -> str:
-        """eval.best_by, or fid when it can be computed, else swd (else kid)."""
+        """eval.best_by, or the first headline metric in the registry's order that can be computed (fid
+        when it can, else swd)."""
         if self.cfg.eval.best_by is not None:
             return self.cfg.eval.best_by
-        can = [m for m in ("fid", "swd", "kid") if m in self.metrics and (m == "swd" or self.inception)]
+        can = [m.name for m in metrics.REGISTRY.values() if m.headline and m.name in self.metrics
+               and (self.inception is not None or not m.needs_inception)]
         return can[0] if can else ""
 
     def __call__(self, G: torch.nn.Module) -> dict[str, float]:
-        """Collective. {'fid', 'kid', 'swd', 'swd_<R>px'}: whichever can be computed."""
+        """Collective. {'fid', 'kid', 'swd', 'swd_<R>px', 'precision', 'recall'}: those of eval.metrics
+        that can be computed."""
         device = self.acc.device
         fakes = {}
         bar = tqdm(total=len(self.mine) * self.batch, desc="evaluating", unit="img", leave=False,
@@ -65,14 +68,9 @@ class Evaluator:
             bar.update(len(fakes[j]))
         feats = {j: self.inception(x).cpu() for j, x in fakes.items()} if self.inception is not None else {}
         bar.close()
-        fake_u8 = self._gather(fakes)
-        out = {}
-        if "swd" in self.metrics:
-            out.update(metrics.swd(self.real_u8, fake_u8))
-        if self.inception is not None:
-            both = metrics.fid_kid(self.real_features, self._gather(feats))
-            out.update({k: v for k, v in both.items() if k in self.metrics})
-        return out
+        inputs = metrics.Inputs(self.real_u8, self._gather(fakes), self.real_features,
+                                self._gather(feats) if self.inception is not None else None)
+        return metrics.compute(self.metrics, inputs)
 
     def _gather(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Every rank's batches, in batch order, on every rank."""

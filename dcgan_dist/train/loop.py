@@ -29,6 +29,7 @@ from dcgan_dist.data.shards import ShardSet, verify
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.attributes import scorer_for
 from dcgan_dist.augment import parse_policy
+from dcgan_dist import metrics
 from dcgan_dist.ema import EMA
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writable
@@ -259,7 +260,7 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
     totals = Totals(accelerator.device, trainer_state["step"],
                     (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
-    remedies = Remedies(diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
+    remedies = Remedies(loss=cfg.gan.loss, diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
                         instance_noise=cfg.gan.instance_noise, instance_noise_kimg=cfg.gan.instance_noise_kimg)
     step = TrainStep(nets, totals, dist.autocast(accelerator), accelerator.scaler, guard,
                      cfg.train.max_consecutive_skips, remedies, nets.ema, progress)
@@ -413,13 +414,13 @@ def _eval_due(cfg: Config, progress: Progress, done: int) -> bool:
 def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state: dict, done: int,
               progress: Progress) -> bool:
     """Collective. Log the EMA generator's metrics; True if they are the best so far by eval.best_by
-    (lower is better for all three), which trainer_state then records."""
+    (in the direction the metric registry gives), which trainer_state then records."""
     values = evaluator(nets.ema.module)
     trainer_state["last_eval"] = values
     tracker.scalars(done, {"kimg": progress.kimg(done), **values}, section="eval")
     key = evaluator.best_metric()
     best = trainer_state.get("best")
-    if key not in values or (best and best["metric"] == key and best["value"] <= values[key]):
+    if key not in values or (best and best["metric"] == key and not metrics.better(key, values[key], best["value"])):
         return False
     trainer_state["best"] = {"metric": key, "value": values[key], "step": done, "metrics": values}
     return True

@@ -56,6 +56,7 @@ class Nets:
 class Remedies:
     """What D sees and aims for, beyond the paper (config section `gan`); the defaults are the paper."""
 
+    loss: str = "bce"                      # a name in losses.LOSSES
     diffaugment: tuple[str, ...] = ()      # DiffAugment ops, applied to reals and fakes alike
     real_target: float = 1.0               # 1 - one-sided label smoothing
     instance_noise: float = 0.0            # std at the start, in [-1, 1] pixel units
@@ -120,6 +121,7 @@ class TrainStep:
         self.nets, self.totals, self.autocast = nets, totals, autocast
         self.scaler, self.guard, self.limit = scaler, guard, max_consecutive_skips
         self.remedies, self.ema, self.progress = remedies, ema, progress or Progress(0, 0, 1)
+        self.loss = losses.LOSSES[remedies.loss]
         device = totals.stats.device
         self.one = torch.ones((), device=device)
         self.noise = torch.zeros((), device=device) if remedies.instance_noise > 0 else None
@@ -156,18 +158,18 @@ class TrainStep:
             fake = n.G(z)
             # Two passes, not one on the concatenation: BatchNorm keeps separate real and fake statistics.
             real_logits, fake_logits = n.D(self.d_view(real)), n.D(self.d_view(fake.detach()))
-            loss_d = losses.d_loss(real_logits, fake_logits, self.remedies.real_target)
+            loss_d = self.loss.d(real_logits, fake_logits, self.remedies.real_target)
         applied_d = self._update(n.opt_d, loss_d)
         # G phase, through the bare D with its grads off: no D grads are computed or all-reduced.
         n.D_local.requires_grad_(False)
         with self.autocast():
-            loss_g = losses.g_loss(n.D_local(self.d_view(fake)))
+            loss_g = self.loss.g(n.D_local(self.d_view(fake)))
         applied_g = self._update(n.opt_g, loss_g)
         n.D_local.requires_grad_(True)
         if self.ema is not None:
             self.ema.update(n.G_local)
-        stats = torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(real_logits.detach()).mean(),
-                             torch.sigmoid(fake_logits.detach()).mean()]).float()
+        stats = torch.stack([loss_d.detach(), loss_g.detach(), self.loss.d_output(real_logits.detach()).mean(),
+                             self.loss.d_output(fake_logits.detach()).mean()]).float()
         self._account(stats, applied_d, applied_g)
 
     def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> Optional[torch.Tensor]:
