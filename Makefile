@@ -7,7 +7,7 @@ SYNTH  := data/synthetic
 SHARDS := data/shards/demo64
 NEED_GIB ?= 6.5
 
-.PHONY: setup demo test test-all test-deploy clean-demo
+.PHONY: setup demo test test-fast test-all test-deploy clean-demo
 
 setup: $(STAMP)
 
@@ -42,23 +42,16 @@ demo: setup $(SHARDS)/manifest.json $(SHARDS)/attributes.safetensors
 	@echo "samples: runs/demo/samples/  (real_vs_fake.png, progress.gif, loss_curves.png)"
 	@echo "W&B run: runs/demo/wandb/  (if offline, upload it with: $(BIN)/python launch/wandb_sync.py runs/demo)"
 
-# What CI runs: 13 to 14 minutes on 2 cores, install included (12.9, 13.4 and 13.8 min in fresh clones, 2026-12-01).
-# `slow` marks what repeats other tests at length: the 20-run exit-code soak (every other launch asserts
-# exit 0 too), two benchmark smoke runs, and a second machine-kill case. `make test-all` runs them as well.
-# Two pytest workers even on 2 cores: a launch spends much of its time starting processes and waiting
-# on them, so two overlap (648 -> 527 s). Each worker holds its own core (tests/conftest.py); unpinned,
-# two jobs' OpenMP threads wait on one another (589 -> 503 s, same venv, same day).
-# --dist loadscope keeps each test module on one worker, so a module-scoped fixture (often a whole
-# 2-rank training run) is built once: spread by test, test_rescale's and test_launch's were built on
-# both workers (16.9 -> 13.0-14.8 min of user CPU time over four runs). `loadgroup` would group finer,
-# but pytest 9.2 ignores the node ids xdist 3.8 rewrites for it, so it groups nothing. The heaviest
-# modules are handed out first (tests/conftest.py), so that both workers finish together. pytest on
-# 2026-11-28, same host: by test 620-634 s; by module in file order 574-647 s, one worker done 150 s
-# before the other; heaviest module first 535, 564 and 567 s (in the first, each worker was busy
-# for 523 s).
+# What CI runs. Two pytest workers, each module whole on one worker, the heaviest handed out first
+# (tests/conftest.py, tests/module_seconds.json): docs/PERFORMANCE.md, "The test suite", says why and
+# what each choice measured. `slow` marks what repeats other tests at length; `make test-all` runs it.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -m 'not slow and not deploy' -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
+# The unit tests alone, without a process started: a minute or less.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow and not deploy and not e2e' -n $(TEST_WORKERS)
 
 # The slow ones one at a time: the benchmark scripts they run launch on the default port.
 test-all: test

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Quality benchmark: FID, KID and SWD after a fixed training budget, per remedy, against the
+"""Quality benchmark: FID, KID, SWD, precision and recall after a fixed training budget, per remedy or loss, against the
 pytorch/examples control and the real-vs-real floor.
 
     python benchmarks/quality.py --shards data/shards/demo64 --out runs/quality \
-        --variants paper,diffaugment,ttur,label_smoothing,instance_noise,best \
+        --variants paper,diffaugment,ttur,label_smoothing,instance_noise,lsgan,hinge \
         [--peer-main /path/to/pytorch/examples/dcgan/main.py] [--steps 900] [--num-images 500]
 
 Each variant is a real `accelerate launch` of launch/train.py with configs/demo.yaml (2 CPU ranks) plus
@@ -44,6 +44,10 @@ VARIANTS = {
     "instance_noise": ["gan.instance_noise=0.2", "gan.instance_noise_kimg=115.2"],
     "da+ls": ["gan.diffaugment=color,translation,cutout", "gan.label_smoothing=0.1"],
     "da+ema2": ["gan.diffaugment=color,translation,cutout", "train.ema_halflife_kimg=2"],
+    "lsgan": ["gan.loss=lsgan"],
+    "hinge": ["gan.loss=hinge"],
+    "da+ema2+lsgan": ["gan.diffaugment=color,translation,cutout", "train.ema_halflife_kimg=2", "gan.loss=lsgan"],
+    "da+ema2+hinge": ["gan.diffaugment=color,translation,cutout", "train.ema_halflife_kimg=2", "gan.loss=hinge"],
 }
 
 
@@ -141,7 +145,7 @@ def main() -> None:
     table = results.setdefault(key, {})
 
     def score(label: str, fake_u8: torch.Tensor, extra: dict) -> None:
-        values = metrics.evaluate_images(reals[:n], fake_u8, inception, real_feats)
+        values = metrics.evaluate_images(reals[:n], fake_u8, inception, real_feats, names=("fid", "kid", "swd", "pr"))
         table[label] = {**{k: round(v, 5) for k, v in values.items()}, **extra}
         results_path.write_text(json.dumps(results, indent=1))
         print(f"  {label:28s} " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if "px" not in k), flush=True)
@@ -166,10 +170,10 @@ def main() -> None:
         score("pytorch/examples control", metrics.generate_u8(G, z, 50, torch.device("cpu")),
               {"train_seconds": seconds})
 
-    print(f"\n{key}, {n} images per evaluation; lower is better\n")
-    print("| generator | FID | KID | SWD x1e3 |\n| --- | --- | --- | --- |")
+    print(f"\n{key}, {n} images per evaluation; lower is better, but precision and recall\n")
+    print("| generator | FID | KID | SWD x1e3 | precision | recall |\n| --- | --- | --- | --- | --- | --- |")
     for label, row in table.items():
-        cells = [f"{row[k]:.4g}" if k in row else "n/a" for k in ("fid", "kid", "swd")]
+        cells = [f"{row[k]:.4g}" if k in row else "n/a" for k in ("fid", "kid", "swd", "precision", "recall")]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

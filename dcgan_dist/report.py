@@ -43,7 +43,7 @@ def grid_u8(x: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
     return Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")                      # no display on training nodes
@@ -68,7 +68,7 @@ def loss_curves(metrics_path: Path, out: Path) -> bool:
     train, evals = read_rows(metrics_path)
     if not train:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     panels = len(TRAIN_PANELS) + bool(evals)
     fig, axes = plt.subplots(panels, 1, figsize=(8, 3.0 * panels), sharex=True, constrained_layout=True)
     kimg = [r["kimg"] for r in train]
@@ -145,7 +145,7 @@ def real_vs_fake(samples: Path, out: Path) -> bool:
     fakes = sorted(samples.glob("fakes-*.png"))
     if not (samples / "reals.png").is_file() or not fakes:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.3), constrained_layout=True)
     step = int(fakes[-1].stem.split("-")[-1])
     for ax, path, title in ((axes[0], samples / "reals.png", "real images"),

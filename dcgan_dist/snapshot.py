@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from dcgan_dist.errors import UserError
-from dcgan_dist.fsutil import atomic_write_bytes
 from dcgan_dist.models import Generator
 
 FORMAT = "dcgan-dist-generator/1"
@@ -34,10 +33,6 @@ def snapshot_bytes(G: nn.Module, *, resolution: int, nz: int, ngf: int, step: in
     meta = {"format": FORMAT, "resolution": str(resolution), "nz": str(nz), "ngf": str(ngf), "step": str(step),
             "kimg": f"{kimg:g}", "metrics": json.dumps(metrics, sort_keys=True), "shards": shards}
     return save(state, metadata=meta)
-
-
-def save_snapshot(path: Path, G: nn.Module, **meta) -> None:
-    atomic_write_bytes(Path(path), snapshot_bytes(G, **meta))
 
 
 def read_metadata(path: Path) -> dict:

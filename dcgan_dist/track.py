@@ -26,13 +26,10 @@ from dcgan_dist.fsutil import atomic_write_text
 from dcgan_dist.layout import RunLayout, valid_run_id
 from dcgan_dist.redact import redact
 from dcgan_dist.report import grid_image
+from dcgan_dist.errors import warn
 
 
 _USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")       # the user's choice, kept for every run of the process
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def has_wandb_credentials() -> bool:
@@ -55,7 +52,7 @@ def run_id_for(run_dir: str | Path, fallback: str) -> str:
     if path.is_file():
         kept = path.read_text().strip()
         if not valid_run_id(kept):
-            _warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
+            warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
             kept = None
     run_id = kept or fallback
     if run_id != kept:
@@ -80,7 +77,7 @@ def wandb_mode(cfg: Config) -> tuple[Optional[str], str]:
         host = server_unreachable()
         why = f"the W&B server {host} does not answer" if host else ""
     if why and mode == "online":
-        _warn(f"wandb.mode=online but {why}; logging offline instead")
+        warn(f"wandb.mode=online but {why}; logging offline instead")
         return "offline", ""
     return ("offline", why) if why else ("online", "")
 
@@ -166,10 +163,10 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
             return attempt
         except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
             accelerator.trackers = []
-            _warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         finally:
             sys.argv = argv
-    _warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
+    warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
     return None
 
 
@@ -303,7 +300,7 @@ class Tracker:
             self._run().log_artifact(art, aliases=aliases)
         except Exception as exc:  # noqa: BLE001
             self.log_artifacts = False
-            _warn(f"W&B artifact '{name}' failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            warn(f"W&B artifact '{name}' failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                   "no more artifacts this run (the files stay in run_dir)")
 
     def _run(self):
@@ -327,7 +324,7 @@ class Tracker:
             call()
         except Exception as exc:  # noqa: BLE001
             self.use_wandb = False
-            _warn(f"W&B logging failed ({type(exc).__name__}: {exc}); continuing without W&B")
+            warn(f"W&B logging failed ({type(exc).__name__}: {exc}); continuing without W&B")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,8 +1,10 @@
 """Shared fixtures: a small synthetic CelebA (real JPEGs, real metadata files) and real tar shards."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,23 +45,76 @@ def on_all_cores() -> None:
     os.sched_setaffinity(0, ALL_CORES)
 
 
-# Seconds of worker time per module, measured on 2 vCPUs (2026-11-28; test_trust 2026-12-01); the rest take
-# under 10 s each.
-HEAVY_MODULES = {"test_trust": 190, "test_benchmarks": 190, "test_faults": 190, "test_cluster": 160,
-                 "test_launch": 150, "test_remote": 98, "test_wandb_dashboard": 90, "test_generate": 81,
-                 "test_rescale": 79, "test_bad_input": 63}
+# Seconds of worker time per module, as the last `DCGAN_RECORD_DURATIONS=1 make test` measured them.
+DURATIONS = Path(__file__).with_name("module_seconds.json")
 
 
 def heaviest_modules_first(items) -> None:
     """`make test` hands each module to one worker whole (`--dist loadscope`, `--no-loadscope-reorder`),
     one at a time as a worker runs low. Handing out the heaviest first lets the two workers finish
-    together: in file order one finished 150 s before the other. Tests keep their order within a module."""
-    items.sort(key=lambda item: -HEAVY_MODULES.get(item.module.__name__, 0))
+    together (docs/PERFORMANCE.md, "The test suite"). Tests keep their order within a module; modules
+    never measured go last, as if they took no time."""
+    try:
+        seconds = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        seconds = {}
+    items.sort(key=lambda item: -seconds.get(item.module.__name__, 0))
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """On the controller too, under xdist: every worker's reports arrive there."""
+    if os.environ.get("DCGAN_RECORD_DURATIONS") and xdist_worker() is None:
+        module = Path(report.nodeid.split("::")[0]).stem
+        _measured[module] = _measured.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _measured and exitstatus == 0:
+        merged = {**(json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}),
+                  **{m: round(s) for m, s in _measured.items()}}
+        DURATIONS.write_text(json.dumps(dict(sorted(merged.items(), key=lambda kv: -kv[1])), indent=1) + "\n")
+
+
+# What an end-to-end test does, in its own body, in a test helper it calls or in a fixture it uses:
+# start processes.
+E2E_CALLS = re.compile(r"\b(launch_cmd|accelerate_launch|train_once|subprocess\.\w+|Popen)\(|"
+                       r"\brun\(\[(sys\.executable|BIN|str\(BIN)")
+CALLED = re.compile(r"\b([A-Za-z_]\w*)\(")
+
+
+def _starts_processes(func, fixtures, seen) -> bool:
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    if E2E_CALLS.search(source):
+        return True
+    helpers = [func.__globals__.get(name) for name in CALLED.findall(source)]
+    fixture_funcs = [d.func for name in inspect.signature(func).parameters for d in fixtures.get(name, ())]
+    for other in helpers + fixture_funcs:
+        if inspect.isfunction(other) and other not in seen and str(ROOT / "tests") in (inspect.getsourcefile(other) or ""):
+            seen.add(other)
+            if _starts_processes(other, fixtures, seen):
+                return True
+    return False
+
+
+def mark_end_to_end(items) -> None:
+    """`e2e` on every test that starts processes (a launch, a script, docker, sbatch), found from its
+    source and its fixtures'; `make test-fast` runs the rest."""
+    for item in items:
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if _starts_processes(item.function, fixtures, set()):
+            item.add_marker(pytest.mark.e2e)
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    mark_end_to_end(items)
     heaviest_modules_first(items)
     if torch.cuda.is_available():
         return

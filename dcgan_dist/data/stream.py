@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import re
 import signal
-import sys
 import tarfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan_dist.data import remote
 from dcgan_dist.data.shards import NPY_HEADER_MAX, Shard, ShardSet, checked_bytes, fetch_shard
-from dcgan_dist.errors import RunStopped
+from dcgan_dist.errors import RunStopped, warn
 
 
 class ShardError(ValueError):
@@ -212,12 +211,12 @@ class BatchStream(IterableDataset):
         self.warned += 1
         if self.warned <= self.MAX_WARNINGS:
             more = " (further warnings from this stream suppressed)" if self.warned == self.MAX_WARNINGS else ""
-            print(f"warning: {what}{more}", file=sys.stderr, flush=True)
+            warn(f"{what}{more}")
 
     def _blocks(self, shards: list[Shard], rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Infinite uint8 image blocks (n, R, R, 3); the shard order is reshuffled every pass."""
         on_error = lambda where, exc: self._problem(f"skipping unreadable data in shard {where}: {exc}")
-        on_retry = lambda what: print(f"warning: {what}", file=sys.stderr, flush=True)
+        on_retry = lambda what: warn(f"{what}")
         while True:
             read = 0
             order = [shards[i] for i in rng.permutation(len(shards))]
@@ -327,7 +326,7 @@ def ordered_blocks(shard_set: ShardSet, cache: Optional[Path] = None) -> Iterato
     that need the same images every time: evaluation and the attribute classifier. What cannot be
     read is skipped with a warning."""
     def warn(where: str, exc: Exception) -> None:
-        print(f"warning: skipping unreadable data in shard {where}: {exc}", file=sys.stderr, flush=True)
+        warn(f"skipping unreadable data in shard {where}: {exc}")
 
     for sample in read_shards(list(shard_set.shards), shard_set.member_limits(), warn, cache=cache, verify_local=True):
         try:
