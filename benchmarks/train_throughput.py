@@ -54,6 +54,7 @@ def _config(batch: int, channels_last: bool, keys: tuple[str, ...] = ()):
 def _new_runner(acc, variant: str, batch: int, channels_last: bool, compile_: bool, keys: tuple[str, ...] = ()):
     """The trainer's own runner (loop.build + loop.make_runner), changed only as the variant says."""
     from dcgan_dist.train import dist, loop
+    from dcgan_dist.train.state import TrainerState
 
     cfg = _config(batch, channels_last, keys)
     graph = variant == "graph"
@@ -67,7 +68,7 @@ def _new_runner(acc, variant: str, batch: int, channels_last: bool, compile_: bo
         for opt in (nets.opt_g, nets.opt_d):
             for group in opt.param_groups:
                 group.update(fused=False, foreach=True)
-    runner = loop.make_runner(acc, cfg, nets, {"step": 0}, graph, stream)
+    runner = loop.make_runner(acc, cfg, nets, TrainerState(), graph, stream)
     return runner, lambda batch_u8, i: runner(batch_u8, i), lambda: runner.step.totals.stats.tolist()
 
 
@@ -225,11 +226,12 @@ def flops_per_image(batch: int = 16) -> float:
     from accelerate import Accelerator
 
     from dcgan_dist.train import loop
+    from dcgan_dist.train.state import TrainerState
 
     acc = Accelerator(cpu=True)
     cfg = _config(batch, False)
     nets = loop.build(acc, cfg)
-    runner = loop.make_runner(acc, cfg, nets, {"step": 0}, False, None)
+    runner = loop.make_runner(acc, cfg, nets, TrainerState(), False, None)
     with FlopCounterMode(display=False) as counter:
         runner(torch.zeros(batch, 3, 64, 64, dtype=torch.uint8), 0)
     return counter.get_total_flops() / batch

@@ -41,8 +41,9 @@ from accelerate import Accelerator
 
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir
-from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout, valid_run_id
+from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
 from dcgan_dist.train import dist
+from dcgan_dist.train.state import TrainerState
 from dcgan_dist.train.step import Nets
 
 FORMAT = "dcgan-dist-checkpoint/2"
@@ -70,7 +71,7 @@ def list_complete(run_dir: str | Path, warn: bool = False) -> list[tuple[int, Pa
 # Saving
 
 
-def save(accelerator: Accelerator, run_dir: str | Path, step: int, nets: Nets, trainer_state: dict,
+def save(accelerator: Accelerator, run_dir: str | Path, step: int, nets: Nets, trainer_state: TrainerState,
          replicas: dict, keep: int, best: bool = False, extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Collective: every rank must call it. Every rank writes its random states; rank 0 writes the
     rest, lists every file's digest in COMPLETE, renames and rotates. With `best`, the state goes to
@@ -92,7 +93,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, nets: Nets, t
             atomic_write_bytes(tmp / OPTIMIZERS, optimizer_bytes(nets))
             if accelerator.scaler is not None:
                 atomic_write_text(tmp / SCALER, json.dumps(accelerator.scaler.state_dict()))
-            atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, sort_keys=True))
+            atomic_write_text(tmp / STATE_FILE, trainer_state.to_json())
             atomic_write_text(tmp / "replicas.json", json.dumps(replicas, indent=1, sort_keys=True))
             for name, data in (extra_files or {}).items():
                 atomic_write_bytes(tmp / name, data)
@@ -283,15 +284,15 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     return load(read_file(path, marker, name) if marker is not None else (path / name).read_bytes())
 
 
-def load(accelerator: Accelerator, path: Path, nets: Nets) -> tuple[dict, bool]:
+def load(accelerator: Accelerator, path: Path, nets: Nets) -> tuple[TrainerState, bool]:
     """Restore models, EMA, optimizers, scaler and this rank's random states from `path`. Returns
     (trainer_state, whether this rank's random states were there). Everything is read and checked
     before anything is changed."""
     marker = read_marker(path)
     parts = _read_current(path, marker, accelerator.process_index) if marker is not None else \
         _read_legacy(path, accelerator.process_index)
-    state, tensors, optim, scaler, rng = parts
-    _check_trainer_state(state)
+    state_text, tensors, optim, scaler, rng = parts
+    state = read_state(state_text)
     rng = parse_rng_state(rng) if rng is not None else None
     _apply(nets, tensors, optim)
     if accelerator.scaler is not None and scaler is not None:
@@ -305,7 +306,7 @@ def _read_current(path: Path, marker: dict, rank: int) -> tuple:
     from safetensors.torch import load as load_tensors
 
     text = lambda name: read_file(path, marker, name).decode()
-    state = json.loads(text(STATE_FILE))
+    state = text(STATE_FILE)
     tensors = load_tensors(read_file(path, marker, NETS))
     optim_bytes = read_file(path, marker, OPTIMIZERS)
     optim = _optimizer_states(load_tensors(optim_bytes), json.loads(_metadata(optim_bytes)["param_groups"]))
@@ -351,12 +352,11 @@ def _match_layouts(opt: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-def _check_trainer_state(state) -> None:
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
-        raise Unreadable(f"{STATE_FILE} has no step count")
-    run_id = state.get("wandb_run_id")
-    if run_id is not None and not valid_run_id(run_id):
-        raise Unreadable(f"{STATE_FILE} has a W&B run id that is not a short alphanumeric string")
+def read_state(text: str) -> TrainerState:
+    try:
+        return TrainerState.from_json(text)
+    except ValueError as exc:
+        raise Unreadable(f"{STATE_FILE}: {exc}") from None
 
 
 # The only globals a checkpoint of the earlier layout may name: NumPy's array reconstruction, for its
@@ -376,7 +376,7 @@ def _read_legacy(path: Path, rank: int) -> tuple:
     random_states_<rank>.pkl. Every pickle goes through weights_only."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
+    state = (path / STATE_FILE).read_text()
     tensors = {f"G.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
     tensors.update({f"D.{k}": v for k, v in load_file(str(path / "model_1.safetensors")).items()})
     tensors.update({f"ema.{k}": v for k, v in _torch_load(path / "custom_checkpoint_0.pkl").items()})
@@ -392,7 +392,7 @@ def _read_legacy(path: Path, rank: int) -> tuple:
     return state, tensors, optim, scaler, rng
 
 
-def resume(accelerator: Accelerator, run_dir: str | Path, nets: Nets) -> tuple[Optional[Path], Optional[dict], bool]:
+def resume(accelerator: Accelerator, run_dir: str | Path, nets: Nets) -> tuple[Optional[Path], Optional[TrainerState], bool]:
     """Load the newest checkpoint that every rank can read: (its path, trainer_state, whether this rank's
     random states were in it), or (None, None, False) for a fresh start.
 

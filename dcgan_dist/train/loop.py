@@ -45,6 +45,7 @@ from dcgan_dist.track import Tracker, run_id_for, start_wandb
 from dcgan_dist.train import checkpoint, dist
 from dcgan_dist.train.cpu_conv import switched_layers, use_forward_weight_grads
 from dcgan_dist.train.evaluate import Evaluator
+from dcgan_dist.train.state import TrainerState
 from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
 
 
@@ -169,10 +170,10 @@ def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Opt
     global_batch = cfg.data.batch_size * world
     resumed_from, trainer_state, progress = _resume(accelerator, cfg, nets, global_batch)
     apply_optim_config(nets, cfg, graph)
-    start_step = trainer_state["step"]
+    start_step = trainer_state.step
     # Shards left out count once in data_errors, not again at every restart.
-    newly_excluded = excluded - set(trainer_state.get("excluded_shards", []))
-    trainer_state["excluded_shards"] = sorted(excluded | set(trainer_state.get("excluded_shards", [])))
+    newly_excluded = excluded - set(trainer_state.excluded_shards)
+    trainer_state.excluded_shards = sorted(excluded | set(trainer_state.excluded_shards))
 
     workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
     run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
@@ -181,18 +182,18 @@ def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Opt
                  "cpu_forward_weight_grad_layers": switched_layers(nets.G_local, nets.D_local)}
     if accelerator.is_main_process:
         layout = RunLayout.of(cfg.run_dir)
-        trainer_state["wandb_run_id"] = run_id_for(cfg.run_dir, trainer_state.get("wandb_run_id") or _new_run_id())
+        trainer_state.wandb_run_id = run_id_for(cfg.run_dir, trainer_state.wandb_run_id or _new_run_id())
         save_config(cfg, layout.config, facts=run_facts)
         atomic_write_text(layout.facts, json.dumps(redact_all(run_facts), indent=1) + "\n")
         print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={full_set.manifest['count']} "
               f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
               flush=True)
     # start_step tells launch/wandb_sync.py where this start took over from the one before it.
-    wandb_mode = start_wandb(accelerator, cfg, trainer_state["wandb_run_id"],
+    wandb_mode = start_wandb(accelerator, cfg, trainer_state.wandb_run_id,
                              redact_all({**cfg.to_dict(), "run": {**run_facts, "start_step": start_step}}))
     tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
     if accelerator.is_main_process:
-        _log_best_again(tracker, cfg, trainer_state["wandb_run_id"], full_set.digest)
+        _log_best_again(tracker, cfg, trainer_state.wandb_run_id, full_set.digest)
     table_scorer = scorer_for(full_set) if tracker.use_wandb and cfg.wandb.samples_table and \
         metric_list(cfg.eval.metrics) else None
     loader = make_loader(shard_set, cfg.data.batch_size, cfg.seed, rank, world, workers, cfg.data.shuffle_buffer,
@@ -217,7 +218,7 @@ def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Opt
         dist.shutdown(accelerator, [nets], clean=clean)
 
 
-def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int) -> tuple[Optional[Path], dict, Progress]:
+def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int) -> tuple[Optional[Path], TrainerState, Progress]:
     """Load the newest checkpoint, if any, and say what changed if its world size or precision differ.
 
     A rank the checkpoint has no random state for (the job grew) draws its noise from a seed made of the
@@ -226,14 +227,14 @@ def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int
     set_seed(cfg.seed + rank)                          # per-rank noise; a resume restores the saved states
     resumed_from, state, own_rng = checkpoint.resume(accelerator, cfg.run_dir, nets)
     if state is None:
-        return None, {"step": 0, "wandb_run_id": _new_run_id()}, Progress(0, 0, global_batch)
-    step = state["step"]
+        return None, TrainerState(wandb_run_id=_new_run_id()), Progress(0, 0, global_batch)
+    step = state.step
     if not own_rng:
         set_seed(_derived_seed(cfg.seed, rank, step))
-    old_batch = state.get("global_batch") or round(state.get("kimg", 0) * 1000 / max(step, 1)) or global_batch
-    images = state.get("images_seen", round(state.get("kimg", step * old_batch / 1000) * 1000))
-    old_world = state.get("world_size", accelerator.num_processes)
-    old_precision = state.get("mixed_precision", accelerator.mixed_precision)
+    old_batch = state.global_batch or global_batch
+    images = state.images_seen if state.images_seen is not None else step * old_batch
+    old_world = state.world_size or accelerator.num_processes
+    old_precision = state.mixed_precision or accelerator.mixed_precision
     if accelerator.is_main_process and (old_world, old_batch) != (accelerator.num_processes, global_batch):
         ranks = lambda n: f"{n} rank{'s' if n != 1 else ''}"
         print(f"note: resuming at step {step} ({images / 1000:g} kimg) on {ranks(accelerator.num_processes)} instead "
@@ -252,13 +253,12 @@ def _derived_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"dcgan-dist/{seed}/{rank}/{step}".encode()).digest()[:4], "little")
 
 
-def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: dict, graph: bool,
+def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state: TrainerState, graph: bool,
                 stream: Optional["torch.cuda.Stream"], progress: Optional[Progress] = None) -> StepRunner:
     """The step, wrapped in its runner. `progress` defaults to a run that started at trainer_state's step
     with nothing seen (the benchmarks' case)."""
-    progress = progress or Progress(trainer_state["step"], 0, cfg.data.batch_size * accelerator.num_processes)
-    totals = Totals(accelerator.device, trainer_state["step"],
-                    (trainer_state.get("skipped_d", 0), trainer_state.get("skipped_g", 0)))
+    progress = progress or Progress(trainer_state.step, 0, cfg.data.batch_size * accelerator.num_processes)
+    totals = Totals(accelerator.device, trainer_state.step, (trainer_state.skipped_d, trainer_state.skipped_g))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
     remedies = Remedies(loss=cfg.gan.loss, diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
                         instance_noise=cfg.gan.instance_noise, instance_noise_kimg=cfg.gan.instance_noise_kimg)
@@ -274,9 +274,9 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
 
 def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, trainer_state, progress: Progress):
     totals = runner.step.totals
-    start = trainer_state["step"]
+    start = trainer_state.step
     # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
-    carried = trainer_state.get("data_errors", 0) if accelerator.is_main_process else 0
+    carried = trainer_state.data_errors if accelerator.is_main_process else 0
     interval = Interval(t=time.time(), step=start, data_errors=carried + run["data_errors"])
     fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
                           generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
@@ -285,21 +285,24 @@ def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, traine
         dist.on_main(accelerator, run["lock"].check if run["lock"] else None)    # a job that lost run_dir stops
         health = _check_health(accelerator, totals, interval, cfg)
         replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
-        trainer_state.update(step=done, kimg=progress.kimg(done), images_seen=progress.images(done),
-                             world_size=accelerator.num_processes, global_batch=progress.global_batch,
-                             mixed_precision=accelerator.mixed_precision, **_counters(accelerator, health, interval))
+        counters = _counters(accelerator, health, interval)
+        trainer_state.step, trainer_state.images_seen = done, progress.images(done)
+        trainer_state.world_size, trainer_state.global_batch = accelerator.num_processes, progress.global_batch
+        trainer_state.mixed_precision = accelerator.mixed_precision
+        trainer_state.skipped_d, trainer_state.skipped_g = counters["skipped_d"], counters["skipped_g"]
+        trainer_state.data_errors = counters["data_errors"]
         snapshot = {}
         if accelerator.is_main_process:
             snapshot[SNAPSHOT] = snapshot_bytes(
                 nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
-                kimg=progress.kimg(done), metrics=trainer_state.get("last_eval", {}),
+                kimg=progress.kimg(done), metrics=trainer_state.last_eval,
                 shards=redact(cfg.data.shards) if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
         path = checkpoint.save(accelerator, cfg.run_dir, done, nets, trainer_state, replicas, cfg.train.keep_ckpts,
                                best=best, extra_files=snapshot)
         if accelerator.is_main_process:
             _publish_generator(RunLayout.of(cfg.run_dir), path, best)
             final = done == cfg.train.steps and not best          # the regular save that follows is the last
-            _log_artifacts(tracker, cfg, path, trainer_state, trainer_state["wandb_run_id"], run["manifest_digest"],
+            _log_artifacts(tracker, cfg, path, trainer_state, trainer_state.wandb_run_id, run["manifest_digest"],
                            best, final)
 
     evaluator = run["evaluator"]
@@ -357,17 +360,17 @@ def _samples_table(tracker: Tracker, scorer, nets: Nets, fixed_z: torch.Tensor, 
     tracker.samples_table(step, kimg, images, probabilities(scorer, images), list(ATTRIBUTE_NAMES))
 
 
-def _log_artifacts(tracker: Tracker, cfg: Config, saved: Path, state: dict, run_id: str, manifest_digest: str,
+def _log_artifacts(tracker: Tracker, cfg: Config, saved: Path, state: TrainerState, run_id: str, manifest_digest: str,
                    best: bool, final: bool, checkpoints: bool = True) -> None:
     """Rank 0: the EMA generator of checkpoint `saved` (its trainer_state: `state`) as a `model`
     artifact when the best changes (alias best) and at the end (alias latest, and best if it is), with
     what a reader needs to trust it; every full checkpoint too with wandb.log_checkpoints. W&B keeps
     one version per distinct file, so a best saved at the last step is one version with both aliases."""
-    done = state["step"]
-    best_step = (state.get("best") or {}).get("step")
+    done = state.step
+    best_step = (state.best or {}).get("step")
     aliases = (["best"] if best or best_step == done else []) + (["latest"] if final else []) + [f"step-{done}"]
-    metadata = {"step": done, "kimg": state.get("kimg"), "metrics": state.get("last_eval", {}),
-                "best": state.get("best"), "run_id": run_id, "shards_manifest_digest": manifest_digest,
+    metadata = {"step": done, "kimg": state.kimg, "metrics": state.last_eval,
+                "best": state.best, "run_id": run_id, "shards_manifest_digest": manifest_digest,
                 "model": {"resolution": cfg.model.resolution, "nz": cfg.model.nz, "ngf": cfg.model.ngf,
                           "ndf": cfg.model.ndf}}
     if cfg.wandb.log_model and (best or final):
@@ -386,11 +389,10 @@ def _log_best_again(tracker: Tracker, cfg: Config, run_id: str, manifest_digest:
     if not (tracker.use_wandb and cfg.wandb.log_model and (best / MARKER).is_file() and (best / SNAPSHOT).is_file()):
         return
     try:
-        state = json.loads((best / STATE_FILE).read_text())
+        state = TrainerState.from_json((best / STATE_FILE).read_text())
     except (OSError, ValueError):
         return
-    if isinstance(state, dict) and isinstance(state.get("step"), int):
-        _log_artifacts(tracker, cfg, best, state, run_id, manifest_digest, best=True, final=False, checkpoints=False)
+    _log_artifacts(tracker, cfg, best, state, run_id, manifest_digest, best=True, final=False, checkpoints=False)
 
 
 def _publish_generator(layout: RunLayout, saved: Path, best: bool) -> None:
@@ -411,18 +413,18 @@ def _eval_due(cfg: Config, progress: Progress, done: int) -> bool:
     return every > 0 and progress.images(done) // every > progress.images(done - 1) // every
 
 
-def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state: dict, done: int,
+def _evaluate(evaluator: Evaluator, nets: Nets, tracker: Tracker, trainer_state: TrainerState, done: int,
               progress: Progress) -> bool:
     """Collective. Log the EMA generator's metrics; True if they are the best so far by eval.best_by
     (in the direction the metric registry gives), which trainer_state then records."""
     values = evaluator(nets.ema.module)
-    trainer_state["last_eval"] = values
+    trainer_state.last_eval = values
     tracker.scalars(done, {"kimg": progress.kimg(done), **values}, section="eval")
     key = evaluator.best_metric()
-    best = trainer_state.get("best")
+    best = trainer_state.best
     if key not in values or (best and best["metric"] == key and not metrics.better(key, values[key], best["value"])):
         return False
-    trainer_state["best"] = {"metric": key, "value": values[key], "step": done, "metrics": values}
+    trainer_state.best = {"metric": key, "value": values[key], "step": done, "metrics": values}
     return True
 
 
