@@ -89,7 +89,7 @@ def to_legacy(ckpt: Path, ema_payload: Path | None = None, ranks: int = 1) -> No
         (ckpt / f"rng-{rank}.json").unlink()
     for name in ("nets.safetensors", "optimizers.safetensors"):
         (ckpt / name).unlink()
-    (ckpt / "COMPLETE").write_text(f"step {state['step']}\n")
+    (ckpt / "COMPLETE").write_text(f"step {json.loads(state)['step']}\n")
 
 
 def test_a_pickle_in_a_checkpoint_never_runs_and_old_checkpoints_still_resume(shards32, tmp_path):
