@@ -1,4 +1,4 @@
-"""The training loop, as a recipe: preflight, build, resume, then D step + G step until `train.steps`.
+"""The training loop, as a recipe (Trainer.run): preflight, build, resume, then D step + G step until `train.steps`.
 
 Progress is counted in optimizer steps (one D step + one G step) and kimg (thousands of real images
 seen across all ranks), never epochs: every rank draws from an infinite stream, so all ranks run the
@@ -125,7 +125,13 @@ def train(cfg: Config) -> None:
     try:
         # Before anything is written to run_dir: a second job on it stops here, on every rank.
         dist.on_main(accelerator, lock.acquire if lock else None)
-        _train(accelerator, cfg, shard_set, lock)
+        trainer, clean = Trainer(accelerator, cfg, shard_set, lock), False
+        try:
+            trainer.run()
+            clean = True
+            trainer.report()
+        finally:
+            trainer.close(clean)
     except RuntimeError as exc:
         lost = dist.peer_lost(accelerator, exc, cfg.train.collective_timeout_s)
         if lost is None:
@@ -157,65 +163,149 @@ def _verified(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, cache:
     return shard_set.without(set(bad)), set(bad)
 
 
-def _train(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Optional[RunLock]) -> None:
-    rank, world = accelerator.process_index, accelerator.num_processes
-    graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir and shard_set.shards[0].remote else None
-    full_set = shard_set
-    shard_set, excluded = _verified(accelerator, cfg, shard_set, cache)
-    if accelerator.is_main_process:
-        checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
-    stream = dist.graph_stream(accelerator, graph)
-    nets = build(accelerator, cfg, stream)
-    global_batch = cfg.data.batch_size * world
-    resumed_from, trainer_state, progress = _resume(accelerator, cfg, nets, global_batch)
-    apply_optim_config(nets, cfg, graph)
-    start_step = trainer_state.step
-    # Shards left out count once in data_errors, not again at every restart.
-    newly_excluded = excluded - set(trainer_state.excluded_shards)
-    trainer_state.excluded_shards = sorted(excluded | set(trainer_state.excluded_shards))
+class Trainer:
+    """One training run on this rank. `__init__` gets everything ready (the shards checked, the nets
+    built and resumed, logging started); `run()` is the recipe; `close()` releases it all, in order."""
 
-    workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
-    run_facts = {"world_size": world, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-                 "global_batch": global_batch, "mixed_precision": accelerator.mixed_precision,
-                 "num_workers": workers, "dataset_count": full_set.manifest["count"],
-                 "cpu_forward_weight_grad_layers": switched_layers(nets.G_local, nets.D_local)}
-    if accelerator.is_main_process:
-        layout = RunLayout.of(cfg.run_dir)
-        trainer_state.wandb_run_id = run_id_for(cfg.run_dir, trainer_state.wandb_run_id or _new_run_id())
-        save_config(cfg, layout.config, facts=run_facts)
-        atomic_write_text(layout.facts, json.dumps(redact_all(run_facts), indent=1) + "\n")
-        print(f"dcgan-dist: {dist.describe(accelerator, cfg.data.batch_size, graph)} images={full_set.manifest['count']} "
-              f"steps={cfg.train.steps} " + (f"resuming from {resumed_from}" if resumed_from else "fresh start"),
-              flush=True)
-    # start_step tells launch/wandb_sync.py where this start took over from the one before it.
-    wandb_mode = start_wandb(accelerator, cfg, trainer_state.wandb_run_id,
-                             redact_all({**cfg.to_dict(), "run": {**run_facts, "start_step": start_step}}))
-    tracker = Tracker(accelerator, cfg, start_step, wandb_mode)
-    if accelerator.is_main_process:
-        _log_best_again(tracker, cfg, trainer_state.wandb_run_id, full_set.digest)
-    table_scorer = scorer_for(full_set) if tracker.use_wandb and cfg.wandb.samples_table and \
-        metric_list(cfg.eval.metrics) else None
-    loader = make_loader(shard_set, cfg.data.batch_size, cfg.seed, rank, world, workers, cfg.data.shuffle_buffer,
-                         start_step, pin_memory=accelerator.device.type == "cuda", cache=cache)
-    runner = make_runner(accelerator, cfg, nets, trainer_state, graph, stream, progress)
-    evaluator = Evaluator(accelerator, cfg, full_set, cache) if metric_list(cfg.eval.metrics) else None
-    run = {"batches": iter(loader), "stop": dist.StopRequest(accelerator), "evaluator": evaluator, "lock": lock,
-           "data_errors": len(newly_excluded) if accelerator.is_main_process else 0, "scorer": table_scorer,
-           "manifest_digest": full_set.digest}
-    clean = False
-    try:
-        _loop(accelerator, cfg, nets, runner, run, tracker, trainer_state, progress)
-        clean = True
-        if accelerator.is_main_process:
-            tracker.report(write_report(Path(cfg.run_dir)))     # into the same W&B run, before it closes
-    finally:
-        run["stop"].close(wait=clean)
-        tracker.close()
-        stop_loader(run["batches"])
-        run.clear()
-        del loader, runner, evaluator
-        dist.shutdown(accelerator, [nets], clean=clean)
+    def __init__(self, accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Optional[RunLock]):
+        self.acc, self.cfg, self.lock, self.main = accelerator, cfg, lock, accelerator.is_main_process
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir and shard_set.shards[0].remote else None
+        self.full_set = shard_set
+        shard_set, excluded = _verified(accelerator, cfg, shard_set, cache)
+        if self.main:
+            checkpoint.recover_best(cfg.run_dir)             # a best replacement cut short by a kill
+        stream = dist.graph_stream(accelerator, self.graph)
+        self.nets = build(accelerator, cfg, stream)
+        self.resumed_from, self.state, self.progress = _resume(accelerator, cfg, self.nets, cfg.data.batch_size * world)
+        apply_optim_config(self.nets, cfg, self.graph)
+        # Shards left out count once in data_errors, not again at every restart.
+        newly_excluded = excluded - set(self.state.excluded_shards)
+        self.state.excluded_shards = sorted(excluded | set(self.state.excluded_shards))
+        workers = dist.loader_workers(cfg.data.num_workers, accelerator.device)
+        self.tracker = self._start_tracking(workers)
+        self.scorer = scorer_for(self.full_set) if self.tracker.use_wandb and cfg.wandb.samples_table and \
+            metric_list(cfg.eval.metrics) else None
+        loader = make_loader(shard_set, cfg.data.batch_size, cfg.seed, rank, world, workers, cfg.data.shuffle_buffer,
+                             self.state.step, pin_memory=accelerator.device.type == "cuda", cache=cache)
+        self.batches = iter(loader)
+        self.runner = make_runner(accelerator, cfg, self.nets, self.state, self.graph, stream, self.progress)
+        self.evaluator = Evaluator(accelerator, cfg, self.full_set, cache) if metric_list(cfg.eval.metrics) else None
+        self.stop = dist.StopRequest(accelerator)
+        # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
+        carried = self.state.data_errors + len(newly_excluded) if self.main else 0
+        self.interval = Interval(t=time.time(), step=self.state.step, data_errors=carried)
+        self.fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
+                                   generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
+
+    def run(self) -> None:
+        """Train from the resumed step to train.steps: step, log, sample, evaluate, checkpoint; stop
+        with a checkpoint when asked to."""
+        cfg, start = self.cfg.train, self.state.step
+        if start >= cfg.steps:
+            self.tracker.note(f"already at step {start} of train.steps={cfg.steps}; raise it to train longer")
+        for step in range(start, cfg.steps):
+            if self.stop.poll():
+                self.stopped(step, start)
+                return
+            self.runner(self.next_batch(step), step)
+            self.interval.n += 1
+            self.tracker.step()
+            done = step + 1
+            last = done == cfg.steps
+            if done % cfg.log_every == 0 or last:
+                _log(self.acc, self.cfg, self.tracker, self.runner.step.totals, self.interval, done, self.progress)
+            if done % cfg.sample_every == 0 or last:
+                _samples(self.tracker, self.nets, self.fixed_z, done, self.progress.kimg(done))
+            if self.evaluator is not None and (_eval_due(self.cfg, self.progress, done) or last):
+                self.evaluate(done)
+            if done % cfg.ckpt_every == 0 or last:
+                self.save(done)
+
+    def report(self) -> None:
+        """Rank 0: the end-of-run pictures, into the same W&B run before it closes."""
+        if self.main:
+            self.tracker.report(write_report(Path(self.cfg.run_dir)))
+
+    def next_batch(self, step: int) -> torch.Tensor:
+        batch, data_errors = next_batch(self.batches)
+        self.interval.data_errors += data_errors
+        if step == 0:
+            self.tracker.images(0, 0.0, "samples/real", batch[: self.cfg.train.num_samples].float() / 127.5 - 1,
+                                self.tracker.layout.reals)
+            _samples(self.tracker, self.nets, self.fixed_z, 0, 0.0)
+        return batch
+
+    def stopped(self, step: int, start: int) -> None:
+        if step != start and step % self.cfg.train.ckpt_every != 0:
+            self.save(step)
+        self.tracker.note(f"stopped by signal at step {step}; rerun the same command to resume")
+
+    def evaluate(self, done: int) -> None:
+        started = time.time()
+        if _evaluate(self.evaluator, self.nets, self.tracker, self.state, done, self.progress):
+            self.save(done, best=True)
+        if self.scorer is not None:
+            _samples_table(self.tracker, self.scorer, self.nets, self.fixed_z, done, self.progress.kimg(done))
+        self.interval.t += time.time() - started          # images_per_s counts training time only
+
+    def save(self, done: int, best: bool = False) -> None:
+        """Collective: a checkpoint of step `done` (checkpoints/best with `best`), its generator
+        published and sent to W&B."""
+        acc, cfg, nets = self.acc, self.cfg, self.nets
+        dist.on_main(acc, self.lock.check if self.lock else None)    # a job that lost run_dir stops
+        health = _check_health(acc, self.runner.step.totals, self.interval, cfg)
+        replicas = dist.check_replicas(acc, {"G": nets.G_local, "D": nets.D_local})
+        _record(self.state, acc, self.progress, done, _counters(acc, health, self.interval))
+        snapshot = {SNAPSHOT: self._snapshot(done)} if self.main else {}
+        path = checkpoint.save(acc, cfg.run_dir, done, nets, self.state, replicas, cfg.train.keep_ckpts,
+                               best=best, extra_files=snapshot)
+        if self.main:
+            _publish_generator(RunLayout.of(cfg.run_dir), path, best)
+            final = done == cfg.train.steps and not best          # the regular save that follows is the last
+            _log_artifacts(self.tracker, cfg, path, self.state, self.state.wandb_run_id, self.full_set.digest,
+                           best, final)
+
+    def _snapshot(self, done: int) -> bytes:
+        cfg = self.cfg
+        shards = redact(cfg.data.shards) if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve())
+        return snapshot_bytes(self.nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz,
+                              ngf=cfg.model.ngf, step=done, kimg=self.progress.kimg(done),
+                              metrics=self.state.last_eval, shards=shards)
+
+    def _start_tracking(self, workers: int) -> Tracker:
+        """run_dir's config, facts and W&B run id (rank 0), the banner, then W&B and the tracker."""
+        acc, cfg, state = self.acc, self.cfg, self.state
+        facts = {"world_size": acc.num_processes, "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+                 "global_batch": self.progress.global_batch, "mixed_precision": acc.mixed_precision,
+                 "num_workers": workers, "dataset_count": self.full_set.manifest["count"],
+                 "cpu_forward_weight_grad_layers": switched_layers(self.nets.G_local, self.nets.D_local)}
+        if self.main:
+            layout = RunLayout.of(cfg.run_dir)
+            state.wandb_run_id = run_id_for(cfg.run_dir, state.wandb_run_id or _new_run_id())
+            save_config(cfg, layout.config, facts=facts)
+            atomic_write_text(layout.facts, json.dumps(redact_all(facts), indent=1) + "\n")
+            start = f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"
+            print(f"dcgan-dist: {dist.describe(acc, cfg.data.batch_size, self.graph)} "
+                  f"images={self.full_set.manifest['count']} steps={cfg.train.steps} {start}", flush=True)
+        # start_step tells launch/wandb_sync.py where this start took over from the one before it.
+        mode = start_wandb(acc, cfg, state.wandb_run_id,
+                           redact_all({**cfg.to_dict(), "run": {**facts, "start_step": state.step}}))
+        tracker = Tracker(acc, cfg, state.step, mode)
+        if self.main:
+            _log_best_again(tracker, cfg, state.wandb_run_id, self.full_set.digest)
+        return tracker
+
+    def close(self, clean: bool) -> None:
+        """Stop the loader and W&B and take the process group down; after an error too. The loader,
+        runner and evaluator hold DDP's wrappers: every reference goes before the group does."""
+        acc, nets = self.acc, self.nets
+        self.stop.close(wait=clean)
+        self.tracker.close()
+        stop_loader(self.batches)
+        self.__dict__.clear()
+        dist.shutdown(acc, [nets], clean=clean)
 
 
 def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int) -> tuple[Optional[Path], TrainerState, Progress]:
@@ -270,75 +360,6 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
     warmup = 11 if accelerator.num_processes > 1 else 3
     return StepRunner(step, shape, cfg.model.nz, accelerator.device, cfg.train.channels_last, graph=graph,
                       warmup_steps=warmup, stream=stream)
-
-
-def _loop(accelerator, cfg, nets: Nets, runner: StepRunner, run, tracker, trainer_state, progress: Progress):
-    totals = runner.step.totals
-    start = trainer_state.step
-    # Rank 0 carries the run's data_errors total from the checkpoint; the others count from zero.
-    carried = trainer_state.data_errors if accelerator.is_main_process else 0
-    interval = Interval(t=time.time(), step=start, data_errors=carried + run["data_errors"])
-    fixed_z = torch.randn(cfg.train.num_samples, cfg.model.nz,
-                          generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
-
-    def save(done: int, best: bool = False) -> None:
-        dist.on_main(accelerator, run["lock"].check if run["lock"] else None)    # a job that lost run_dir stops
-        health = _check_health(accelerator, totals, interval, cfg)
-        replicas = dist.check_replicas(accelerator, {"G": nets.G_local, "D": nets.D_local})
-        counters = _counters(accelerator, health, interval)
-        trainer_state.step, trainer_state.images_seen = done, progress.images(done)
-        trainer_state.world_size, trainer_state.global_batch = accelerator.num_processes, progress.global_batch
-        trainer_state.mixed_precision = accelerator.mixed_precision
-        trainer_state.skipped_d, trainer_state.skipped_g = counters["skipped_d"], counters["skipped_g"]
-        trainer_state.data_errors = counters["data_errors"]
-        snapshot = {}
-        if accelerator.is_main_process:
-            snapshot[SNAPSHOT] = snapshot_bytes(
-                nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz, ngf=cfg.model.ngf, step=done,
-                kimg=progress.kimg(done), metrics=trainer_state.last_eval,
-                shards=redact(cfg.data.shards) if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve()))
-        path = checkpoint.save(accelerator, cfg.run_dir, done, nets, trainer_state, replicas, cfg.train.keep_ckpts,
-                               best=best, extra_files=snapshot)
-        if accelerator.is_main_process:
-            _publish_generator(RunLayout.of(cfg.run_dir), path, best)
-            final = done == cfg.train.steps and not best          # the regular save that follows is the last
-            _log_artifacts(tracker, cfg, path, trainer_state, trainer_state.wandb_run_id, run["manifest_digest"],
-                           best, final)
-
-    evaluator = run["evaluator"]
-
-    if start >= cfg.train.steps:
-        tracker.note(f"already at step {start} of train.steps={cfg.train.steps}; raise it to train longer")
-    for step in range(start, cfg.train.steps):
-        if run["stop"].poll():
-            if step != start and step % cfg.train.ckpt_every != 0:
-                save(step)
-            tracker.note(f"stopped by signal at step {step}; rerun the same command to resume")
-            return
-        batch, data_errors = next_batch(run["batches"])
-        interval.data_errors += data_errors
-        if step == 0:
-            tracker.images(0, 0.0, "samples/real", batch[: cfg.train.num_samples].float() / 127.5 - 1,
-                           tracker.layout.reals)
-            _samples(tracker, nets, fixed_z, 0, 0.0)
-        runner(batch, step)
-        interval.n += 1
-        done = step + 1
-        tracker.step()
-        last = done == cfg.train.steps
-        if done % cfg.train.log_every == 0 or last:
-            _log(accelerator, cfg, tracker, totals, interval, done, progress)
-        if done % cfg.train.sample_every == 0 or last:
-            _samples(tracker, nets, fixed_z, done, progress.kimg(done))
-        if evaluator is not None and (_eval_due(cfg, progress, done) or last):
-            started = time.time()
-            if _evaluate(evaluator, nets, tracker, trainer_state, done, progress):
-                save(done, best=True)
-            if run["scorer"] is not None:
-                _samples_table(tracker, run["scorer"], nets, fixed_z, done, progress.kimg(done))
-            interval.t += time.time() - started          # images_per_s counts training time only
-        if done % cfg.train.ckpt_every == 0 or last:
-            save(done)
 
 
 def _samples(tracker: Tracker, nets: Nets, fixed_z: torch.Tensor, step: int, kimg: float) -> None:
@@ -443,6 +464,15 @@ def _check_health(accelerator: Accelerator, totals: Totals, interval: Interval, 
         raise RunStopped(f"{limit} updates in a row skipped for non-finite values, the last at step {gave_up}; "
                          "the run has diverged (last good checkpoint kept)")
     return health
+
+
+def _record(state: TrainerState, accelerator: Accelerator, progress: Progress, done: int, counters: dict) -> None:
+    """What a checkpoint of step `done` says about the run."""
+    state.step, state.images_seen = done, progress.images(done)
+    state.world_size, state.global_batch = accelerator.num_processes, progress.global_batch
+    state.mixed_precision = accelerator.mixed_precision
+    state.skipped_d, state.skipped_g, state.data_errors = (counters["skipped_d"], counters["skipped_g"],
+                                                          counters["data_errors"])
 
 
 def _counters(accelerator: Accelerator, health: dict, interval: Interval) -> dict:
