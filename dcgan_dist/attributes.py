@@ -193,7 +193,7 @@ def scorer_for(shard_set: ShardSet) -> Optional[AttributeNet]:
     if not shard_set.manifest.get("attributes"):
         return None
     location = str(shard_set.location)
-    if shard_set.shards[0].remote:
+    if shard_set.remote:
         print(f"dcgan-dist: no W&B samples table: the attribute classifier is looked for next to local "
               f"shards only, not at '{redact(location)}'", file=sys.stderr, flush=True)
         return None

@@ -206,10 +206,7 @@ class Shard:
     bytes: int
     sha256: str
     count: int
-
-    @property
-    def remote(self) -> bool:
-        return remote.is_remote(self.location)
+    remote: bool                    # the set's, decided once when it is opened
 
     @property
     def path(self) -> str:
@@ -229,12 +226,21 @@ class ShardSet:
     location: str
     manifest: dict
     shards: tuple[Shard, ...]
+    remote: bool                    # a URL or pipe: set rather than a folder: asked here, once
 
     @classmethod
     def open(cls, location: Union[str, Path]) -> "ShardSet":
         manifest = read_manifest(location)
-        shards = tuple(Shard(str(location), e["name"], e["bytes"], e["sha256"], e["count"]) for e in manifest["shards"])
-        return cls(str(location), manifest, shards)
+        far = remote.is_remote(str(location))
+        shards = tuple(Shard(str(location), e["name"], e["bytes"], e["sha256"], e["count"], far)
+                       for e in manifest["shards"])
+        return cls(str(location), manifest, shards, far)
+
+    @property
+    def shown(self) -> str:
+        """Where the set is, as files and messages may show it: a folder as an absolute path, a remote
+        set without its credentials."""
+        return redact(self.location) if self.remote else str(Path(self.location).resolve())
 
     @property
     def resolution(self) -> int:
@@ -250,7 +256,7 @@ class ShardSet:
         return {"npy": NPY_HEADER_MAX + n * r * r * 3, "json": n * JSON_PER_IMAGE_MAX}
 
     def without(self, names: set[str]) -> "ShardSet":
-        return ShardSet(self.location, self.manifest, tuple(s for s in self.shards if s.name not in names))
+        return ShardSet(self.location, self.manifest, tuple(s for s in self.shards if s.name not in names), self.remote)
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -98,7 +98,7 @@ class Evaluator:
                 digest.update(block)
         name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}-{self.shard_set.digest}.safetensors"
         beside_run = Path(self.cfg.run_dir) / "eval-cache" / name
-        remote = self.shard_set.shards[0].remote
+        remote = self.shard_set.remote
         return [beside_run] if remote else [Path(self.shard_set.location) / "eval-cache" / name, beside_run]
 
 

@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from dcgan_dist.config import Config, metric_list, save_config
-from dcgan_dist.data.remote import is_remote
 from dcgan_dist.data.shards import ShardSet, verify
 from dcgan_dist.data.stream import make_loader, next_batch, stop_loader
 from dcgan_dist.attributes import scorer_for
@@ -147,7 +146,7 @@ def _verified(accelerator: Accelerator, cfg: Config, shard_set: ShardSet, cache:
     checks every world_size-th shard, so no rank hashes (or, with data.verify_remote, downloads) the
     whole set while the others wait. Without data.verify_remote, a remote set is checked shard by
     shard as the loader downloads it instead."""
-    if shard_set.shards[0].remote and not cfg.data.verify_remote:
+    if shard_set.remote and not cfg.data.verify_remote:
         return shard_set, set()
     mine = list(shard_set.shards[accelerator.process_index::accelerator.num_processes])
     bad = {}
@@ -171,7 +170,7 @@ class Trainer:
         self.acc, self.cfg, self.lock, self.main = accelerator, cfg, lock, accelerator.is_main_process
         rank, world = accelerator.process_index, accelerator.num_processes
         self.graph = dist.use_cuda_graph(cfg.train.cuda_graph, accelerator)
-        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir and shard_set.shards[0].remote else None
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir and shard_set.remote else None
         self.full_set = shard_set
         shard_set, excluded = _verified(accelerator, cfg, shard_set, cache)
         if self.main:
@@ -269,10 +268,9 @@ class Trainer:
 
     def _snapshot(self, done: int) -> bytes:
         cfg = self.cfg
-        shards = redact(cfg.data.shards) if is_remote(cfg.data.shards) else str(Path(cfg.data.shards).resolve())
         return snapshot_bytes(self.nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz,
                               ngf=cfg.model.ngf, step=done, kimg=self.progress.kimg(done),
-                              metrics=self.state.last_eval, shards=shards)
+                              metrics=self.state.last_eval, shards=self.full_set.shown)
 
     def _start_tracking(self, workers: int) -> Tracker:
         """run_dir's config, facts and W&B run id (rank 0), the banner, then W&B and the tracker."""
