@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import base64
 import codecs
-import errno
 import hashlib
 import json
 import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from dcgan_dist import faults
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir
 from dcgan_dist.layout import MARKER, STATE_FILE, RunLayout
@@ -87,7 +86,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, step: int, nets: Nets, t
 
     def write_all() -> None:
         atomic_write_text(tmp / rng_file(accelerator.process_index), json.dumps(rng_state()))
-        _fault_injection(step, tmp)
+        faults.during_save(step, tmp / STATE_FILE)
         if main:
             atomic_write_bytes(tmp / NETS, _tensor_bytes(net_tensors(nets)))
             atomic_write_bytes(tmp / OPTIMIZERS, optimizer_bytes(nets))
@@ -224,17 +223,6 @@ def recover_best(run_dir: str | Path) -> Optional[Path]:
     if not best.exists() and (old / MARKER).is_file():
         os.replace(old, best)
     return best if (best / MARKER).is_file() else None
-
-
-def _fault_injection(step: int, tmp: Path) -> None:
-    """Test hooks, read from the environment:
-    DCGAN_FAULT_SLOW_SAVE=STEP:SECONDS holds the save of STEP half done, for the kill-during-save test;
-    DCGAN_FAULT_ENOSPC=STEP makes rank 0's write of STEP fail as a full disk does, half-way through."""
-    spec = os.environ.get("DCGAN_FAULT_SLOW_SAVE", "")
-    if spec and int(spec.split(":")[0]) == step:
-        time.sleep(float(spec.split(":")[1]))
-    if os.environ.get("DCGAN_FAULT_ENOSPC") == str(step) and os.environ.get("RANK", "0") == "0":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / STATE_FILE))
 
 
 def rotate(run_dir: str | Path, keep: int) -> None:

@@ -12,7 +12,6 @@ fails when D runs forward twice before one backward (pytorch#58111). Capturing b
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dcgan_dist import losses
+from dcgan_dist import faults, losses
 from dcgan_dist.augment import diff_augment
 from dcgan_dist.ema import EMA
 
@@ -125,15 +124,12 @@ class TrainStep:
         device = totals.stats.device
         self.one = torch.ones((), device=device)
         self.noise = torch.zeros((), device=device) if remedies.instance_noise > 0 else None
-        self.fault_steps = _fault_overflow_steps()
+        self.fault_steps = faults.overflow_steps()
         self.fault = torch.ones((), device=device) if self.fault_steps else None
 
     def set_step(self, step: int) -> None:
         """Set the per-step values for step `step` (0-based) by eager fills, so that a graph replayed
-        next reads them: the EMA's decay, the instance-noise level, and injected faults.
-
-        DCGAN_FAULT_OVERFLOW=STEP[,STEP...]: the backward pass of those steps (1-based, as logged) sees
-        an infinite loss, as an fp16 overflow would."""
+        next reads them: the EMA's decay, the instance-noise level, and injected faults (faults.py)."""
         images_seen = self.progress.images(step + 1)
         if self.ema is not None:
             self.ema.set_images(images_seen)
@@ -218,11 +214,6 @@ class TrainStep:
         t.consecutive.copy_(torch.where(skipped.any(), t.consecutive + 1, torch.zeros_like(t.consecutive)))
         hit = t.consecutive >= self.limit
         t.gave_up.copy_(torch.where(hit, torch.minimum(t.gave_up, t.step), t.gave_up))
-
-
-def _fault_overflow_steps() -> frozenset[int]:
-    spec = os.environ.get("DCGAN_FAULT_OVERFLOW", "")
-    return frozenset(int(s) for s in spec.split(",") if s.strip())
 
 
 @contextlib.contextmanager
