@@ -30,7 +30,7 @@ import torch
 
 from train_throughput import matmul_peak, warm_cpu_step  # benchmarks/ is this script's folder
 
-from dcgan_dist.train.cpu_conv import weight_grad_as_conv  # importable once train_throughput put the repo on sys.path
+from dcgan_dist.ops.cpu_conv import weight_grad_as_conv  # importable once train_throughput put the repo on sys.path
 
 # onednn_verbose,v1,primitive,exec,cpu,<primitive>,<implementation>,<prop_kind>,...,<problem>,<ms>
 EXEC = re.compile(r"^onednn_verbose,(?:v\d+,)?primitive,exec,cpu,(\w+),([^,]+),([^,]+),.*,([^,]+),([\d.]+)\s*$")

@@ -73,3 +73,12 @@ def test_stats_accumulate_until_read_and_zeroed(monkeypatch):
     assert torch.all(totals.stats != one)
     assert 0 < one[2] < 1 and 0 < one[3] < 1                  # D(x), D(G(z)) are probabilities
     assert totals.step.item() == 2
+
+
+def test_a_torch_without_the_private_amp_pieces_is_named_at_start(monkeypatch):
+    from dcgan_dist.ops import amp
+
+    amp.check()
+    monkeypatch.delattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
+    with pytest.raises(RuntimeError, match=r"lacks torch\._amp_foreach_non_finite_check_and_unscale_.*tested with"):
+        amp.check()

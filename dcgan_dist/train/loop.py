@@ -42,7 +42,8 @@ from dcgan_dist.snapshot import FILENAME as SNAPSHOT
 from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.track import Tracker, run_id_for, start_wandb
 from dcgan_dist.train import checkpoint, dist
-from dcgan_dist.train.cpu_conv import switched_layers, use_forward_weight_grads
+from dcgan_dist.ops import amp
+from dcgan_dist.ops.cpu_conv import switched_layers, use_forward_weight_grads
 from dcgan_dist.train.evaluate import Evaluator
 from dcgan_dist.train.state import TrainerState
 from dcgan_dist.train.step import NO_STEP, Nets, Progress, Remedies, StepRunner, Totals, TrainStep, on_stream
@@ -69,6 +70,7 @@ def preflight(cfg: Config) -> ShardSet:
 
 
 def build(accelerator: Accelerator, cfg: Config, stream: Optional["torch.cuda.Stream"] = None) -> Nets:
+    amp.check()
     # Same seed on every rank so replicas start equal (DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
     G, D = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)

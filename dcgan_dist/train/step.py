@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dcgan_dist import faults, losses
+from dcgan_dist.ops import amp
 from dcgan_dist.augment import diff_augment
 from dcgan_dist.ema import EMA
 
@@ -175,28 +176,20 @@ class TrainStep:
             loss = loss * self.fault
         if self.scaler is not None:
             scaled = self.scaler.scale(loss)          # creates the scale tensor on first use
-            before = self.scaler._scale.clone()
+            before = amp.scale_of(self.scaler).clone()
             scaled.backward()
             self.scaler.step(opt)             # fused Adam takes the scale and found_inf: no sync
             self.scaler.update()
-            return self.scaler._scale >= before      # it only backs off when it found an inf
+            return amp.scale_of(self.scaler) >= before      # it only backs off when it found an inf
         loss.backward()
         if not self.guard:
             opt.step()
             return None
-        found_inf = self._found_inf(opt)
-        opt.found_inf, opt.grad_scale = found_inf, None      # fused Adam skips on the device
-        try:
-            opt.step()
-        finally:
-            del opt.found_inf, opt.grad_scale
-        return found_inf == 0
-
-    def _found_inf(self, opt: torch.optim.Optimizer) -> torch.Tensor:
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        found = torch.zeros((), device=self.one.device)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self.one)   # GradScaler's own check
-        return found
+        found_inf = amp.non_finite(grads, self.one)
+        with amp.skip_if(opt, found_inf):                   # fused Adam skips on the device
+            opt.step()
+        return found_inf == 0
 
     def _account(self, stats: torch.Tensor, applied_d, applied_g) -> None:
         t = self.totals
