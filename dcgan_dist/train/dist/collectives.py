@@ -1,0 +1,116 @@
+"""Collectives over all ranks: gathers, broadcasts, barriers, the startup group, replica digests."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+
+from dcgan_dist.config import ConfigError
+from dcgan_dist.errors import PeerLost, RunStopped, UserError
+from dcgan_dist.train.dist.setup import ranks_share_gpus
+
+
+def barrier(accelerator: Accelerator) -> None:
+    """`accelerator.wait_for_everyone()`, except where ranks share a GPU: it calls
+    `barrier(device_ids=[local_rank])`, and cuda:1 does not exist on a one-GPU box (seen on an H100)."""
+    if ranks_share_gpus(accelerator):
+        torch.distributed.barrier(device_ids=[accelerator.device.index])
+    else:
+        accelerator.wait_for_everyone()
+
+
+def parameter_digests(models: dict[str, torch.nn.Module]) -> dict[str, str]:
+    out = {}
+    for model_name, model in models.items():
+        for name, p in model.named_parameters():
+            data = p.detach().float().cpu().contiguous().numpy().tobytes()
+            out[f"{model_name}.{name}"] = hashlib.sha256(data).hexdigest()[:16]
+    return out
+
+
+def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module]) -> dict:
+    """Compare every parameter across ranks (all ranks get the result, so all raise together).
+
+    Returns {"ranks": N, "digest": {rank: combined digest}} for the checkpoint. DDP keeps replicas equal
+    by construction; a mismatch means a bug or a corrupted rank, and training on would be wasted.
+    """
+    mine = parameter_digests(models)
+    everyone = gather_all(accelerator, mine)
+    for name, digest in mine.items():
+        for rank, theirs in enumerate(everyone):
+            if theirs.get(name) != digest:
+                raise RunStopped(f"DDP replicas diverged: parameter '{name}' differs between rank "
+                                 f"{accelerator.process_index} and rank {rank}; not saving this state")
+    combined = [hashlib.sha256("".join(d.values()).encode()).hexdigest()[:16] for d in everyone]
+    return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
+
+
+# Startup work varies with what the ranks read (a lock to wait out, a set to verify, checkpoints on slow
+# storage), so its collectives wait this long for a slow peer, not `train.collective_timeout_s`, which
+# is sized for training steps. A peer that died is still noticed at once: its connection closes.
+STARTUP_TIMEOUT_S = 1800
+
+
+_startup_group = None
+
+
+def startup_group(accelerator: Accelerator):
+    """The gloo group for startup collectives (STARTUP_TIMEOUT_S); None with one process. Created on
+    first use, which every rank reaches in the same order."""
+    global _startup_group
+    if accelerator.num_processes == 1:
+        return None
+    if _startup_group is None:
+        _startup_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    return _startup_group
+
+
+def forget_startup_group() -> None:
+    """Before the process group goes, which takes the startup group with it."""
+    global _startup_group
+    _startup_group = None
+
+
+def gather_all(accelerator: Accelerator, obj, startup: bool = False) -> list:
+    """Every rank's `obj`, in rank order, on every rank. `startup`: over the startup group."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj, group=startup_group(accelerator) if startup else None)
+    return out
+
+
+def broadcast_from_main(accelerator: Accelerator, obj):
+    """Rank 0's `obj` on every rank, over the startup group."""
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=startup_group(accelerator))
+    return box[0]
+
+
+def on_main(accelerator: Accelerator, fn) -> None:
+    """Collective, over the startup group: global rank 0 runs `fn`; if it raises a UserError, every rank
+    raises the same one (same class, same line), so the whole job stops together with rank 0's message
+    instead of the others hanging in their next collective."""
+    failure = None
+    if accelerator.is_main_process and fn is not None:
+        try:
+            fn()
+        except UserError as exc:
+            failure = (type(exc).__name__, str(exc))
+    failure = broadcast_from_main(accelerator, failure)
+    if failure is not None:
+        kinds = {cls.__name__: cls for cls in (UserError, RunStopped, PeerLost, ConfigError)}
+        raise kinds.get(failure[0], UserError)(failure[1])
+
+
+def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:
+    """The elementwise minimum of an integer tensor over all ranks, as Python ints (a sync)."""
+    value = value.clone()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MIN)
+    return [int(v) for v in value.flatten().tolist()]
