@@ -255,7 +255,7 @@ class Trainer:
         """Collective: a checkpoint of step `done` (checkpoints/best with `best`), its generator
         published and sent to W&B."""
         acc, cfg, nets = self.acc, self.cfg, self.nets
-        dist.on_main(acc, self.lock.check if self.lock else None)    # a job that lost run_dir stops
+        dist.on_main(acc, self.lock.check if self.lock else None, startup=False)   # a job that lost run_dir stops
         health = _check_health(acc, self.runner.step.totals, self.interval, cfg)
         replicas = dist.check_replicas(acc, {"G": nets.G_local, "D": nets.D_local})
         _record(self.state, acc, self.progress, done, _counters(acc, health, self.interval))

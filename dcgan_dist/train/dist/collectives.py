@@ -83,26 +83,27 @@ def gather_all(accelerator: Accelerator, obj, startup: bool = False) -> list:
     return out
 
 
-def broadcast_from_main(accelerator: Accelerator, obj):
-    """Rank 0's `obj` on every rank, over the startup group."""
+def broadcast_from_main(accelerator: Accelerator, obj, startup: bool = True):
+    """Rank 0's `obj` on every rank, over the startup group (the training group with startup=False)."""
     if accelerator.num_processes == 1:
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, group=startup_group(accelerator))
+    torch.distributed.broadcast_object_list(box, src=0, group=startup_group(accelerator) if startup else None)
     return box[0]
 
 
-def on_main(accelerator: Accelerator, fn) -> None:
+def on_main(accelerator: Accelerator, fn, startup: bool = True) -> None:
     """Collective, over the startup group: global rank 0 runs `fn`; if it raises a UserError, every rank
     raises the same one (same class, same line), so the whole job stops together with rank 0's message
-    instead of the others hanging in their next collective."""
+    instead of the others hanging in their next collective. During training pass startup=False: the
+    startup group waits 30 minutes for a peer, which a peer that stopped answering mid-run must not get."""
     failure = None
     if accelerator.is_main_process and fn is not None:
         try:
             fn()
         except UserError as exc:
             failure = (type(exc).__name__, str(exc))
-    failure = broadcast_from_main(accelerator, failure)
+    failure = broadcast_from_main(accelerator, failure, startup)
     if failure is not None:
         kinds = {cls.__name__: cls for cls in (UserError, RunStopped, PeerLost, ConfigError)}
         raise kinds.get(failure[0], UserError)(failure[1])
