@@ -52,7 +52,7 @@ VARIANTS = {
 
 
 def train(name: str, overrides: list[str], args) -> Path:
-    run_dir = args.out / name
+    run_dir = args.out / Path(args.shards).name / name      # per shard set: never score another set's G
     if (run_dir / "checkpoints" / f"step-{args.steps:08d}" / "COMPLETE").is_file():
         return run_dir                                      # trained by an earlier invocation
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -63,7 +63,8 @@ def train(name: str, overrides: list[str], args) -> Path:
            *args.base_overrides, *overrides]
     print(f"[{time.strftime('%H:%M:%S')}] training {name}: {' '.join(overrides) or '(the paper)'}", flush=True)
     started = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(args.out / f"{name}.log", "w"))
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(run_dir.parent / f"{name}.log", "w"))
     (run_dir / "train_seconds.txt").write_text(f"{time.time() - started:.1f}\n")
     return run_dir
 
@@ -82,7 +83,7 @@ def load_generators(run_dir: Path, steps: int) -> dict[str, torch.nn.Module]:
 def run_peer(args, reals_dir: Path) -> Path:
     """The control, as it is: its own script, its own data pipeline (a folder of our 64 px train images),
     fp32, the same global batch and the same number of images seen."""
-    out = args.out / "peer"
+    out = args.out / Path(args.shards).name / "peer"
     epochs = math.ceil(args.steps * 128 / args.count)
     last = out / f"netG_epoch_{epochs - 1}.pth"
     if last.is_file():
@@ -157,13 +158,13 @@ def main() -> None:
         G, _ = build_models(100, 32, 32, manifest["resolution"])
         score("untrained G", metrics.generate_u8(G, z, 50, torch.device("cpu")), {})
     for name in names:
-        run_dir = args.out / name if args.no_train else train(name, VARIANTS[name], args)
+        run_dir = args.out / Path(args.shards).name / name if args.no_train else train(name, VARIANTS[name], args)
         seconds = float((run_dir / "train_seconds.txt").read_text()) if (run_dir / "train_seconds.txt").is_file() else None
         for kind, G in load_generators(run_dir, args.steps).items():
             score(f"{name} ({kind} G)", metrics.generate_u8(G, z, 50, torch.device("cpu")),
                   {"overrides": VARIANTS[name], "train_seconds": seconds})
     if args.peer_main:
-        last = run_peer(args, export_reals(args.shards, args.count, args.out / "peer_data"))
+        last = run_peer(args, export_reals(args.shards, args.count, args.out / Path(args.shards).name / "peer_data"))
         G, _ = build_models(100, 32, 32, manifest["resolution"])
         G.load_state_dict(torch.load(last, map_location="cpu", weights_only=True))
         seconds = float((last.parent / "train_seconds.txt").read_text())
