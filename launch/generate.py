@@ -20,7 +20,8 @@ from dcgan_dist.errors import UserError, main_guard
 @main_guard
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, generator.safetensors or wandb:ENTITY/PROJECT/NAME:ALIAS")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir, checkpoint dir, generator.safetensors or wandb:ENTITY/PROJECT/NAME:ALIAS")
     p.add_argument("--output", required=True, help="OUT.png for a grid or figure; a folder for one PNG per image")
     p.add_argument("--num", type=int, default=64, help="images (grid or folder; default 64)")
     p.add_argument("--seed", type=int, default=0)

@@ -380,7 +380,8 @@ def _read_legacy(path: Path, rank: int) -> tuple:
     return state, tensors, optim, scaler, rng
 
 
-def resume(accelerator: Accelerator, run_dir: str | Path, nets: Nets) -> tuple[Optional[Path], Optional[TrainerState], bool]:
+def resume(accelerator: Accelerator, run_dir: str | Path,
+           nets: Nets) -> tuple[Optional[Path], Optional[TrainerState], bool]:
     """Load the newest checkpoint that every rank can read: (its path, trainer_state, whether this rank's
     random states were in it), or (None, None, False) for a fresh start.
 

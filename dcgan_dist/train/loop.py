@@ -308,7 +308,8 @@ class Trainer:
         dist.shutdown(acc, [nets], clean=clean)
 
 
-def _resume(accelerator: Accelerator, cfg: Config, nets: Nets, global_batch: int) -> tuple[Optional[Path], TrainerState, Progress]:
+def _resume(accelerator: Accelerator, cfg: Config, nets: Nets,
+            global_batch: int) -> tuple[Optional[Path], TrainerState, Progress]:
     """Load the newest checkpoint, if any, and say what changed if its world size or precision differ.
 
     A rank the checkpoint has no random state for (the job grew) draws its noise from a seed made of the
@@ -350,7 +351,8 @@ def make_runner(accelerator: Accelerator, cfg: Config, nets: Nets, trainer_state
     progress = progress or Progress(trainer_state.step, 0, cfg.data.batch_size * accelerator.num_processes)
     totals = Totals(accelerator.device, trainer_state.step, (trainer_state.skipped_d, trainer_state.skipped_g))
     guard = cfg.train.nonfinite == "skip" and accelerator.scaler is None
-    remedies = Remedies(loss=cfg.gan.loss, diffaugment=parse_policy(cfg.gan.diffaugment), real_target=1.0 - cfg.gan.label_smoothing,
+    remedies = Remedies(loss=cfg.gan.loss, diffaugment=parse_policy(cfg.gan.diffaugment),
+                        real_target=1.0 - cfg.gan.label_smoothing,
                         instance_noise=cfg.gan.instance_noise, instance_noise_kimg=cfg.gan.instance_noise_kimg)
     step = TrainStep(nets, totals, dist.autocast(accelerator), accelerator.scaler, guard,
                      cfg.train.max_consecutive_skips, remedies, nets.ema, progress)

@@ -75,7 +75,8 @@ class TrainerState:
             fail("'excluded_shards' is not a list of names")
         if not isinstance(self.last_eval, dict):
             fail("'last_eval' is not a mapping")
-        if self.best is not None and not (isinstance(self.best, dict) and {"metric", "value", "step"} <= set(self.best)):
+        ranked = isinstance(self.best, dict) and {"metric", "value", "step"} <= set(self.best)
+        if self.best is not None and not ranked:
             fail("'best' lacks its metric, value or step")
         if self.mixed_precision is not None and not isinstance(self.mixed_precision, str):
             fail("'mixed_precision' is not a name")
