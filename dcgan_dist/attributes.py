@@ -25,7 +25,6 @@ from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import ordered_blocks
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
-from dcgan_dist.redact import redact
 
 FORMAT = "dcgan-dist-attributes/1"
 CACHE_NAME = "attributes.safetensors"
@@ -190,23 +189,21 @@ def scorer_for(shard_set: ShardSet) -> Optional[AttributeNet]:
     """The classifier cached next to a local shard set, for the W&B samples table; None, with one line
     saying why, when there is none to use (quietly for shards without attributes). Never trains one:
     on rank 0 mid-run that would hold every other rank."""
+    def without(why: str) -> None:
+        print(f"dcgan-dist: no W&B samples table: {why}", file=sys.stderr, flush=True)
+
     if not shard_set.manifest.get("attributes"):
         return None
-    location = str(shard_set.location)
     if shard_set.remote:
-        print(f"dcgan-dist: no W&B samples table: the attribute classifier is looked for next to local "
-              f"shards only, not at '{redact(location)}'", file=sys.stderr, flush=True)
-        return None
-    path = cached_path(Path(location))
+        return without(f"the attribute classifier is looked for next to local shards only, not at "
+                       f"'{shard_set.shown}'")
+    path = cached_path(Path(shard_set.location))
     if not path.is_file():
-        print(f"dcgan-dist: no W&B samples table: no attribute classifier at {path} (make one with "
-              f"`python launch/attributes.py --shards {location}`)", file=sys.stderr, flush=True)
-        return None
+        return without(f"no attribute classifier at {path} (make one with "
+                       f"`python launch/attributes.py --shards {shard_set.location}`)")
     net, meta = load_classifier(path)
     if meta["manifest_digest"] != shard_set.digest:
-        print(f"dcgan-dist: no W&B samples table: {path} was trained on another version of the shards; "
-              "run launch/attributes.py again", file=sys.stderr, flush=True)
-        return None
+        return without(f"{path} was trained on another version of the shards; run launch/attributes.py again")
     return net
 
 

@@ -22,11 +22,11 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from dcgan_dist.config import Config
+from dcgan_dist.errors import warn
 from dcgan_dist.fsutil import atomic_write_text
 from dcgan_dist.layout import RunLayout, valid_run_id
 from dcgan_dist.redact import redact
 from dcgan_dist.report import grid_image
-from dcgan_dist.errors import warn
 
 
 _USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")       # the user's choice, kept for every run of the process
@@ -139,7 +139,7 @@ def _flush_often() -> dict:
 
 def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict: dict) -> Optional[str]:
     """Start the W&B run on rank 0 through Accelerate's tracker. Returns the mode it ended up in."""
-    if cfg.wandb.mode == "disabled" or not accelerator.is_main_process:
+    if not accelerator.is_main_process:
         return None
     mode, why = wandb_mode(cfg)
     if mode is None:
@@ -301,7 +301,7 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self.log_artifacts = False
             warn(f"W&B artifact '{name}' failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                  "no more artifacts this run (the files stay in run_dir)")
+                 "no more artifacts this run (the files stay in run_dir)")
 
     def _run(self):
         return self.acc.get_tracker("wandb", unwrap=True)

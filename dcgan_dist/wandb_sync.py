@@ -154,17 +154,10 @@ def missing_steps(run_dir: Path, segments: list[Segment]) -> list[int]:
     """Training steps that metrics.jsonl has and no segment will upload: rows wandb still held in
     memory when a kill -9 came (it writes its run file every 2 s), before the checkpoint the next start
     resumed from."""
-    logged = set()
-    try:
-        for line in RunLayout.of(run_dir).metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "loss_d" in row and isinstance(row.get("step"), int):
-                logged.add(row["step"])
-    except OSError:
-        return []
+    from dcgan_dist.report import read_rows
+
+    train, _ = read_rows(RunLayout.of(run_dir).metrics)
+    logged = {row["step"] for row in train if "loss_d" in row and isinstance(row.get("step"), int)}
     first = min((s.start_step for s in segments), default=0)
     uploaded = {step for seg in segments for step in seg.kept}
     return sorted(s for s in logged - uploaded if s > first)

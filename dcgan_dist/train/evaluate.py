@@ -1,4 +1,5 @@
-"""The registry's metrics (FID, KID, SWD, precision and recall) of a generator during training, spread over every rank.
+"""The registry's metrics (FID, KID, SWD, precision and recall) of a generator during training, spread
+over every rank.
 
 The eval set is fixed: the shards' first `eval.num_images` images, and as many latents drawn from a
 fixed seed. The latents are cut into batches of `eval.batch_per_rank`; batch j is generated on rank

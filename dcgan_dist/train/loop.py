@@ -203,10 +203,10 @@ class Trainer:
     def run(self) -> None:
         """Train from the resumed step to train.steps: step, log, sample, evaluate, checkpoint; stop
         with a checkpoint when asked to."""
-        cfg, start = self.cfg.train, self.state.step
-        if start >= cfg.steps:
-            self.tracker.note(f"already at step {start} of train.steps={cfg.steps}; raise it to train longer")
-        for step in range(start, cfg.steps):
+        train, start = self.cfg.train, self.state.step
+        if start >= train.steps:
+            self.tracker.note(f"already at step {start} of train.steps={train.steps}; raise it to train longer")
+        for step in range(start, train.steps):
             if self.stop.poll():
                 self.stopped(step, start)
                 return
@@ -214,14 +214,14 @@ class Trainer:
             self.interval.n += 1
             self.tracker.step()
             done = step + 1
-            last = done == cfg.steps
-            if done % cfg.log_every == 0 or last:
+            last = done == train.steps
+            if done % train.log_every == 0 or last:
                 _log(self.acc, self.cfg, self.tracker, self.runner.step.totals, self.interval, done, self.progress)
-            if done % cfg.sample_every == 0 or last:
+            if done % train.sample_every == 0 or last:
                 _samples(self.tracker, self.nets, self.fixed_z, done, self.progress.kimg(done))
             if self.evaluator is not None and (_eval_due(self.cfg, self.progress, done) or last):
                 self.evaluate(done)
-            if done % cfg.ckpt_every == 0 or last:
+            if done % train.ckpt_every == 0 or last:
                 self.save(done)
 
     def report(self) -> None:
