@@ -106,8 +106,10 @@ def _eval_panel(ax, evals: list[dict]) -> None:
     """FID and SWD on a log axis; KID, on a different scale, on its own axis at the right; precision
     and recall, in [0, 1] and higher is better, dashed on a third."""
     kimg = [r["kimg"] for r in evals]
-    for (k, label), style in zip(_eval_series(evals, "log"), ("o-", "s-", "D-", "v-")):
-        ax.plot(kimg, [r[k] for r in evals], style, label=label)
+    left = _eval_series(evals, "log")
+    for i, ((k, label), style) in enumerate(zip(left, ("o-", "s-", "D-", "v-"))):
+        ax.plot(kimg, [r[k] for r in evals], style, color=f"C{i}", label=label)
+    colour = len(left)                     # every series its own colour, across the axes
     ax.set(title="quality of the EMA generator (lower is better, but precision and recall)",
            ylabel="FID, SWD x1e3 (log scale)")
     ax.set_yscale("log")
@@ -125,7 +127,8 @@ def _eval_panel(ax, evals: list[dict]) -> None:
             other.set_ylim(0, 1)
         extra += 1
         for (k, label), style in zip(series, ("^--", "x:", "+:")):
-            other.plot(kimg, [r[k] for r in evals], style, label=label)
+            other.plot(kimg, [r[k] for r in evals], style, color=f"C{colour}", label=label)
+            colour += 1
         other.set_ylabel(ylabel)
         h, lab = other.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
