@@ -59,9 +59,12 @@ def state(job_id: str) -> str:
 
 
 def start_now(job_id: str) -> None:
-    """A requeued job waits about two minutes (its BeginTime) before it may run again; a test need not."""
+    """A requeued job waits about two minutes (its BeginTime) before it may run again; a test need not,
+    but it must wait two seconds. slurmd revokes the ended attempt's credential, and a credential
+    created in the same second as that revocation counts as revoked (times are whole seconds): an attempt
+    allocated at once is killed as "non-startable batch job: Job credential revoked" and never runs."""
     wait_until("the requeued job to be pending", lambda: state(job_id) == "PENDING", 60, Path("/dev/null"))
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, timeout=10)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"], check=True, timeout=10)
 
 
 def test_two_node_job_trains_as_one_world_and_exits_0(shards32, tmp_path):
