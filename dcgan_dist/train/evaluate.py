@@ -69,38 +69,46 @@ class Evaluator:
             bar.update(len(fakes[j]))
         feats = {j: self.inception(x).cpu() for j, x in fakes.items()} if self.inception is not None else {}
         bar.close()
-        inputs = metrics.Inputs(self.real_u8, self._gather(fakes), self.real_features,
-                                self._gather(feats) if self.inception is not None else None)
+        inputs = metrics.Inputs(self.real_u8, dist.gather_batches(self.acc, fakes), self.real_features,
+                                dist.gather_batches(self.acc, feats) if self.inception is not None else None)
         return metrics.compute(self.metrics, inputs)
 
-    def _gather(self, parts: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Every rank's batches, in batch order, on every rank."""
-        everyone = [kv for items in dist.gather_all(self.acc, list(parts.items())) for kv in items]
-        return torch.cat([t for _, t in sorted(everyone, key=lambda kv: kv[0])])
-
     def _real_features(self) -> torch.Tensor:
-        caches = self._cache_paths()
-        found = next((p for p in caches if p.is_file()), None)
-        cached = _read_cache(found, self.num) if found is not None else None
-        # Ranks must agree before anyone starts the collective that computes the features.
-        if dist.all_min(self.acc, torch.tensor([int(cached is not None)], device=self.acc.device))[0]:
+        caches = cache_paths(self.shard_set, self.num, self.inception.source, self.cfg.run_dir)
+        cached = cached_features(self.acc, caches, self.num)
+        if cached is not None:
             return cached
-        feats = self._gather({j: self.inception(self.real_u8[j * self.batch:(j + 1) * self.batch]).cpu()
-                              for j in self.mine})
+        b = self.batch
+        feats = dist.gather_batches(self.acc, {j: self.inception(self.real_u8[j * b:(j + 1) * b]).cpu() for j in self.mine})
         if self.acc.is_main_process:
-            _write_cache(feats, caches)
+            write_cache(feats, caches)
         return feats
 
-    def _cache_paths(self) -> list[Path]:
-        """Keyed by everything the features depend on: the set's manifest, the count, the network."""
-        digest = hashlib.sha1()
-        with open(self.inception.source, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        name = f"real-inception-{self.num}-{digest.hexdigest()[:12]}-{self.shard_set.digest}.safetensors"
-        beside_run = Path(self.cfg.run_dir) / "eval-cache" / name
-        remote = self.shard_set.remote
-        return [beside_run] if remote else [Path(self.shard_set.location) / "eval-cache" / name, beside_run]
+
+def network_digest(path: str) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def cache_paths(shard_set: ShardSet, num: int, network: str, run_dir: str | Path) -> list[Path]:
+    """Where the Inception features of the set's first `num` images are cached, first choice first: keyed
+    by everything they depend on (the set's manifest, the count, the network file, the resize)."""
+    name = (f"real-inception-{num}-{network_digest(network)}-{metrics.PREPROCESSING}-{shard_set.digest}"
+            ".safetensors")
+    beside_run = Path(run_dir) / "eval-cache" / name
+    return [beside_run] if shard_set.remote else [Path(shard_set.location) / "eval-cache" / name, beside_run]
+
+
+def cached_features(accelerator: Accelerator, caches: list[Path], num: int) -> Optional[torch.Tensor]:
+    """Collective: the cached features when every rank could read them, else None on every rank (ranks
+    must agree before anyone starts the collective that computes them)."""
+    found = next((p for p in caches if p.is_file()), None)
+    cached = _read_cache(found, num) if found is not None else None
+    ok = dist.all_min(accelerator, torch.tensor([int(cached is not None)], device=accelerator.device))[0]
+    return cached if ok else None
 
 
 def _read_cache(path: Path, num: int) -> Optional[torch.Tensor]:
@@ -117,7 +125,7 @@ def _read_cache(path: Path, num: int) -> Optional[torch.Tensor]:
         return None
 
 
-def _write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
+def write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
     from safetensors.torch import save
 
     data = save({"features": feats.float().contiguous()})

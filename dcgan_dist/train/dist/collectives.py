@@ -83,6 +83,13 @@ def gather_all(accelerator: Accelerator, obj, startup: bool = False) -> list:
     return out
 
 
+def gather_batches(accelerator: Accelerator, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Numbered batches, each made on one rank, concatenated in batch order on every rank: the same tensor
+    whatever the world size."""
+    everyone = [kv for items in gather_all(accelerator, list(parts.items())) for kv in items]
+    return torch.cat([t for _, t in sorted(everyone, key=lambda kv: kv[0])])
+
+
 def broadcast_from_main(accelerator: Accelerator, obj, startup: bool = True):
     """Rank 0's `obj` on every rank, over the startup group (the training group with startup=False)."""
     if accelerator.num_processes == 1:

@@ -108,12 +108,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
                                    **({"backend": backend} if backend else {})),
         ],
     )
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads_per_rank))
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
-                           "on CPU, launch with --multi_gpu --num_processes N (see README)")
+    _check_world(accelerator, cfg.train.cpu_threads_per_rank)
     fast = fast_precision()
     if precision == "no" and fast != "no" and accelerator.is_main_process:
         # `accelerate launch` passes "no" when not told, so say what is left on the table.
@@ -125,6 +120,27 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if backend == "gloo" and accelerator.is_main_process:
         print(f"note: {ranks_on_node()} ranks share {torch.cuda.device_count()} GPU(s); NCCL needs a GPU per "
               "rank, so this run reduces over gloo (slow: for tests, not for training)", file=sys.stderr)
+    return accelerator
+
+
+def _check_world(accelerator: Accelerator, cpu_threads_per_rank: Optional[int]) -> None:
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cpu_threads_per_rank))
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
+                           "on CPU, launch with --multi_gpu --num_processes N (see README)")
+
+
+def build_eval_accelerator(cpu_threads_per_rank: Optional[int] = None,
+                           collective_timeout_s: float = 1800) -> Accelerator:
+    """For scoring a generator outside training: no DDP, no tracker, no mixed precision (the protocol is
+    fp32, as StyleGAN2-ADA's metrics are), the same world-size check and CPU threads as training."""
+    backend = process_group_backend()
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s),
+                                   **({"backend": backend} if backend else {}))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[group])
+    _check_world(accelerator, cpu_threads_per_rank)
     return accelerator
 
 
