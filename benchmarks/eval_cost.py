@@ -9,9 +9,16 @@ and the path `metrics.fid_kid` takes below 2048 images (singular values of an n 
 also shows that the two agree. The features are random, not Inception's: the cost of the algebra
 depends only on their shape. Inception is timed on random uint8 images at 64 px. One thread by default,
 which is what each of two ranks gets on a 2-core box. Prints a table; the last line is JSON.
+
+    python benchmarks/eval_cost.py --evaluate RUN_DIR [--shards S] [--num 1000] [--reals 1000]
+
+instead times `launch/evaluate.py` itself, one rank, end to end (start-up, generation, Inception on every
+fake and on the reals unless cached, the metrics), and gives its images/s per rank and what FID-50k
+against the whole set (fid50k_full) costs on this device at that rate.
 """
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,12 +60,46 @@ def measure(n: int, repeats: int) -> dict:
             "swd_s": round(t_swd, 3), "fid_relative_difference": abs(fid - fid_cov) / abs(fid_cov)}
 
 
+def evaluate_rate(args) -> dict:
+    """One real run of launch/evaluate.py; its rate counts the images it ran Inception on."""
+    cmd = [sys.executable, str(ROOT / "launch/evaluate.py"), "--checkpoint", args.evaluate, "--num", str(args.num),
+           "--metrics", "fid" if metrics.inception_path(None) else "swd", "--no-wandb", "--cpu-threads-per-rank", str(args.threads)]
+    cmd += ["--shards", args.shards] if args.shards else []
+    cmd += ["--reals", str(args.reals)] if args.reals else []
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"launch/evaluate.py failed:\n{done.stderr[-2000:]}")
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    proto = line["protocol"]
+    reals_done = 0 if "cached features" in done.stderr else proto["num_reals"]
+    rate = (proto["num_fakes"] + reals_done) / line["seconds"]
+    full_reals = proto["num_reals"] if proto["full"] else None
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": args.threads,
+            "fakes": proto["num_fakes"], "reals_computed": reals_done, "seconds": line["seconds"],
+            "images_per_s_per_rank": round(rate, 2), "results": line["results"],
+            "fid50k_full_seconds_one_rank": round((50000 + (full_reals or 0)) / rate, 1) if full_reals else None,
+            "fid50k_seconds_one_rank_without_reals": round(50000 / rate, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="32,256,500,1000", help="comma-separated eval set sizes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--evaluate", metavar="CHECKPOINT", help="time launch/evaluate.py on this run or snapshot")
+    p.add_argument("--shards", help="with --evaluate: the reals (default: the snapshot's)")
+    p.add_argument("--num", type=int, default=1000, help="with --evaluate: fakes (default 1000)")
+    p.add_argument("--reals", type=int, help="with --evaluate: the first N reals (default: the whole set)")
     args = p.parse_args()
+    if args.evaluate:
+        r = evaluate_rate(args)
+        print(f"launch/evaluate.py on {r['device']}, {r['threads']} thread(s): {r['fakes']} fakes + "
+              f"{r['reals_computed']} reals in {r['seconds']} s = {r['images_per_s_per_rank']} img/s per rank; "
+              f"FID-50k: {r['fid50k_seconds_one_rank_without_reals']} s for the fakes on one rank"
+              + (f", {r['fid50k_full_seconds_one_rank']} s with the whole set's reals" if r["fid50k_full_seconds_one_rank"]
+                 else ""))
+        print(json.dumps(r))
+        return
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.images.split(",")]
 

@@ -9,7 +9,9 @@
 #   3. loader    data_throughput.py into GPU memory with the trainer's default worker count
 #   4. train     an end-to-end `accelerate launch` run (loader, W&B offline, checkpoints), then a resume
 #   5. scaling   scaling_model.py: 8 ranks' all-reduce cost against the measured step times
-#   6. cpu       cpu_target.py: the plain `accelerate launch` on 2 of the host's cores, CUDA hidden, against
+#   6. evaluate  launch/evaluate.py through eval_cost.py: FID-50k (50,000 fakes against the whole set) of the
+#                run trained in part 4, its images/s and seconds
+#   7. cpu       cpu_target.py: the plain `accelerate launch` on 2 of the host's cores, CUDA hidden, against
 #                pytorch/examples' dcgan/main.py when $PEER_MAIN names a copy of it (never in this repo).
 #                A GPU machine's host CPU may have AMX, which the CPU target needs.
 #
@@ -43,12 +45,14 @@ if [ "$DEVICE" = cuda ]; then
     TRAIN=(train.steps=600 train.log_every=100 train.ckpt_every=300 train.sample_every=300
            eval.num_images=500 eval.every_kimg=null); MORE=900
     CPU=(--steps 8 --peer-iterations 12)   # about 3.5 minutes on 2 Xeon cores: probe, profile, ours twice, peer
+    EVAL=(--num 50000)
 else
     IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
     LOADER_BATCHES=20; MORE=6
     CPU=(--steps 1 --peer-iterations 2)
     TRAIN=(train.steps=4 train.log_every=2 train.ckpt_every=2 train.sample_every=4 data.batch_size=16
            model.ngf=16 model.ndf=16 data.shuffle_buffer=64 eval.num_images=32 eval.every_kimg=null)
+    EVAL=(--num 32 --reals 32)
 fi
 
 PARTS=(); RESULTS=()
@@ -92,6 +96,7 @@ part loader 60 "$PY" benchmarks/data_throughput.py --shards "$WORK/shards" --bat
 part train 120 "$0" --device "$DEVICE" --only train_and_resume
 tail -n 1 "$LOGS/step.log" >"$WORK/step.json"
 part scaling 30 "$PY" benchmarks/scaling_model.py --throughput "$WORK/step.json"
+part evaluate 240 "$PY" benchmarks/eval_cost.py --evaluate "$WORK/run" --shards "$WORK/shards" --threads 2 "${EVAL[@]}"
 PEER=(); [ -f "${PEER_MAIN:-}" ] && PEER=(--peer-main "$PEER_MAIN" --dataroot "$WORK/syn/celeba")
 part cpu 280 "$PY" benchmarks/cpu_target.py --shards "$WORK/shards" "${CPU[@]}" "${PEER[@]}"
 
@@ -118,6 +123,7 @@ if device == "cuda" and torch.cuda.is_available():
 else:
     card["name"] = platform.processor() or "cpu"
 step, loader, scaling, cpu = last_json("step"), last_json("loader"), last_json("scaling"), last_json("cpu")
+evaluate = last_json("evaluate")
 rows = [json.loads(ln) for ln in (logs / "train_metrics.jsonl").read_text().splitlines()] \
     if (logs / "train_metrics.jsonl").is_file() else []
 train = [r for r in rows if "images_per_s" in r]            # eval rows ("eval/fid", ...) have no rate
@@ -128,6 +134,9 @@ figures = {
     "loader": lambda: f"{loader['images_per_s']:,.0f} img/s into {device} memory, {loader['num_workers']} workers",
     "train": lambda: f"{train[-1]['images_per_s']:,.0f} img/s end to end at step {train[-1]['step']}, resumed",
     "scaling": lambda: f"batch/GPU for >= 90%: {scaling['smallest_batch_for_90pct']}",
+    "evaluate": lambda: (f"{evaluate['images_per_s_per_rank']:,.0f} img/s; {evaluate['fakes']:,} fakes + "
+                         f"{evaluate['reals_computed']:,} reals in {evaluate['seconds']:.0f} s, FID "
+                         f"{next(iter(evaluate['results'].values()))['fid']:.2f}"),
     "cpu": lambda: f"{cpu['ours']['images_per_s']:,.0f} img/s on {len(cpu['cores'])} cores of {cpu['cpu']} ("
                    + ("no AMX" if not cpu["amx"] else "AMX, used" if cpu["onednn"].get("conv_uses_amx") else "AMX, unused")
                    + (f"), {cpu['ratio']}x the peer" if "ratio" in cpu else ")"),
@@ -145,7 +154,7 @@ for name, result in zip(names, results):
     print(f"{name:<8} {'ok' if rc == 0 else 'FAIL':<6} {seconds:>7}  {figure}")
 out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "device": device,
        "card": card, "parts": summary, "step": step, "loader": loader, "train": train, "scaling": scaling,
-       "cpu": cpu}
+       "evaluate": evaluate, "cpu": cpu}
 (logs / "gpu_check.json").write_text(json.dumps(out, indent=1))
 sys.exit(0 if all(s["ok"] for s in summary) else 1)
 EOF

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import run
+from dcgan_dist import metrics
 
 
 def last_json(out):
@@ -53,11 +54,16 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
               env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [p["part"] for p in report["parts"]] == ["data", "tests", "step", "loader", "train", "scaling", "cpu"]
+    assert [p["part"] for p in report["parts"]] == ["data", "tests", "step", "loader", "train", "scaling",
+                                                    "evaluate", "cpu"]
     assert all(p["ok"] for p in report["parts"]), report["parts"]
     assert {r["variant"] for r in report["step"]["results"]} == {"legacy", "eager"}
     assert report["train"][-1]["step"] == 6 and report["loader"]["images_per_s"] > 0
     assert report["scaling"]["gradient_mb"]["D"] > 0
+    evaluate = report["evaluate"]                          # launch/evaluate.py on the trained run, end to end
+    if metrics.inception_path(None) is not None:
+        assert evaluate["fakes"] == 32 and evaluate["images_per_s_per_rank"] > 0
+        assert evaluate["results"]["fid32_32"]["fid"] > 0
     assert report["cpu"]["ours"]["threads"] == len(report["cpu"]["cores"]) and report["cpu"]["ours"]["images_per_s"] > 0
     assert report["cpu"]["ours_onednn_weight_grads"]["images_per_s"] > 0     # the default's switch, measured off
     dnn = report["cpu"]["onednn"]                          # which kernels the convolutions really ran on
