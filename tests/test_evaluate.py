@@ -139,8 +139,11 @@ def write_generator(path: Path, collapse: bool) -> Path:
 def test_an_untrained_generator_scores_worse_and_a_collapsed_one_has_no_recall(scores, shards32, tmp_path):
     trained = flat(scores["one"][1])
     got = {}
-    for kind in ("untrained", "collapsed"):
-        snapshot = write_generator(tmp_path / f"{kind}.safetensors", collapse=kind == "collapsed")
+    (tmp_path / "artifact").mkdir()            # as `wandb artifact get` or generate.py's download lays it out
+    places = {"untrained": tmp_path / "untrained.safetensors", "collapsed": tmp_path / "artifact/generator.safetensors"}
+    for kind, place in places.items():
+        snapshot = write_generator(place, collapse=kind == "collapsed")
+        snapshot = snapshot if kind == "untrained" else snapshot.parent
         done, line = evaluate("--checkpoint", snapshot, "--shards", shards32, *ARGS)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "reals: the cached features" in done.stderr
@@ -153,7 +156,8 @@ def test_an_untrained_generator_scores_worse_and_a_collapsed_one_has_no_recall(s
     for key in ("precision", "recall"):
         assert got["untrained"][key] <= trained[key], key
     assert got["collapsed"]["recall"] <= 0.05
-    assert (tmp_path / "evaluations" / "step-00000000-fid64_64.json").is_file()   # beside a lone snapshot
+    for folder in (tmp_path, tmp_path / "artifact"):                     # beside a snapshot of no run
+        assert (folder / "evaluations" / "step-00000000-fid64_64.json").is_file()
 
 
 def test_the_cache_follows_the_manifest(trained, shards32, tmp_path):
