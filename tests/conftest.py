@@ -170,6 +170,16 @@ def overrides(keys: dict) -> list[str]:
     return [f"{k}={text(v)}" for k, v in keys.items()]
 
 
+def train_small(shards: Path, run_dir: Path, **keys) -> Path:
+    """A 32 px generator trained in one plain process, for tests that need a trained model rather than
+    ranks; `keys` (dotted, as on the command line) override configs/demo.yaml's."""
+    keys = {"data.shards": shards, "run_dir": run_dir, "model.resolution": 32, "data.shuffle_buffer": 256,
+            "eval.metrics": "swd", **keys}
+    out = run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", *overrides(keys)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
 def saved_net(checkpoint: Path, net: str) -> dict:
     """The state dict of "G", "D" or "ema" in a checkpoint folder, read (and checked) as a resume reads it."""
     from dcgan_dist.train.checkpoint import NETS, read_tensors

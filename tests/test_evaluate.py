@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launch_cmd, run
+from conftest import launch_cmd, run, train_small
 from dcgan_dist import metrics, score
 from dcgan_dist.models import Generator, init_weights
 from dcgan_dist.snapshot import snapshot_bytes
@@ -35,14 +35,10 @@ def flat(line: dict) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def trained(shards32, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("eval-run")
-    out = run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards32}",
-               f"run_dir={run_dir}", "model.resolution=32", "model.ngf=32", "model.ndf=32", "data.batch_size=32",
-               "data.shuffle_buffer=256", "train.steps=600", "train.log_every=100", "train.sample_every=600",
-               "train.ckpt_every=600", "train.num_samples=16", "eval.every_kimg=null", "eval.metrics=swd",
-               "eval.num_images=64", "wandb.mode=offline"], timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+    return train_small(shards32, tmp_path_factory.mktemp("eval-run"), **{
+        "model.ngf": 32, "model.ndf": 32, "data.batch_size": 32, "train.steps": 600, "train.log_every": 100,
+        "train.sample_every": 600, "train.ckpt_every": 600, "train.num_samples": 16, "eval.every_kimg": None,
+        "eval.num_images": 64, "wandb.mode": "offline"})
 
 
 def cache_files(shards: Path) -> list[Path]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run, saved_net
+from conftest import run, saved_net, train_small
 from dcgan_dist.data.celeba import open_source
 from dcgan_dist.data.shards import write_shards
 from dcgan_dist.data.synthetic import write_celeba
@@ -29,14 +29,10 @@ def faces32(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(faces32, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("gen-run")
-    out = run([sys.executable, "launch/train.py", "--config", "configs/demo.yaml", f"data.shards={faces32}",
-               f"run_dir={run_dir}", "model.resolution=32", "model.ngf=32", "model.ndf=32", "data.batch_size=64",
-               "data.shuffle_buffer=256", "train.steps=300", "train.log_every=50", "train.sample_every=300",
-               "train.ckpt_every=150", "train.num_samples=64", "eval.num_images=64", "eval.every_kimg=9.6",
-               "eval.metrics=swd", "wandb.mode=disabled"], timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+    return train_small(faces32, tmp_path_factory.mktemp("gen-run"), **{
+        "model.ngf": 32, "model.ndf": 32, "data.batch_size": 64, "train.steps": 300, "train.log_every": 50,
+        "train.sample_every": 300, "train.ckpt_every": 150, "train.num_samples": 64, "eval.num_images": 64,
+        "eval.every_kimg": 9.6, "wandb.mode": "disabled"})
 
 
 def generate(*args, timeout=300):
