@@ -55,6 +55,7 @@ class Supervisor:
         self.requested: Optional[int] = None
         self.signalled: dict[int, int] = {}          # rank PID -> the last signal sent to it
         self.hung_up = False
+        self.had_ranks = False                       # the launcher got past its rendezvous
         for sig in FORWARDED:
             signal.signal(sig, self._on_signal)
         self.launcher = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_setup)
@@ -68,9 +69,11 @@ class Supervisor:
         """Send the requested signal to every rank (the launcher's children) not yet sent it. Ranks that
         start after the signal get it when they appear. A launcher with no ranks yet (still in its
         rendezvous, which can wait many minutes for a machine that will never come) has nothing to
-        checkpoint: it gets SIGHUP, which it does handle, and ends."""
+        checkpoint: it gets SIGHUP, which it does handle, and ends. One whose ranks have come and gone
+        is exiting by itself: a SIGHUP then would only interrupt its exit with a SignalException."""
         ranks = children(self.launcher.pid)
-        if not ranks and not self.hung_up:
+        self.had_ranks = self.had_ranks or bool(ranks)
+        if not ranks and not self.had_ranks and not self.hung_up:
             self.hung_up = True
             os.kill(self.launcher.pid, signal.SIGHUP)
         for pid in ranks:
@@ -88,6 +91,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 if self.requested is not None:
                     self._forward()
+                elif not self.had_ranks:
+                    self.had_ranks = bool(children(self.launcher.pid))
 
 
 def rank_codes(report_dir: Path) -> dict[str, int]:

@@ -31,7 +31,11 @@ LAUNCHER = textwrap.dedent("""
     ranks = [subprocess.Popen([sys.executable, "-c", rank, code], env={**os.environ, "RANK": str(r)},
                               start_new_session=True) for r in (0, 1)]
     print("launcher", signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, flush=True)
-    sys.exit(max(r.wait() != 0 for r in ranks))
+    failed = max(r.wait() != 0 for r in ranks)
+    # torchrun takes a moment to exit after its ranks; a SIGHUP then raises inside its exit.
+    signal.signal(signal.SIGHUP, lambda *_: (print("launcher got SIGHUP", flush=True), sys.exit(9)))
+    time.sleep(float(os.environ.get("LINGER_S", "0")))
+    sys.exit(failed)
 """)
 
 
@@ -51,6 +55,17 @@ def test_sigterm_goes_to_the_ranks_and_the_code_says_what_happened(rank_code, pr
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == expected, err
     assert f"dcgan-dist: stopped by SIGTERM, exit {expected}" in err
+
+
+def test_a_launcher_still_exiting_after_its_ranks_is_left_alone():
+    """Seen in the Docker test: the supervisor took a launcher with no ranks left for one still in its
+    rendezvous and hung it up, and torchrun printed a SignalException traceback on its way out."""
+    proc = supervise(0, {"LINGER_S": "2"})
+    assert sorted(proc.stdout.readline().strip() for _ in range(3)) == ["launcher True", "ready", "ready"]
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "got SIGHUP" not in out, out + err
 
 
 def test_a_signal_before_any_rank_started_ends_the_launcher():
