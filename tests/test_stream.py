@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dcgan_dist.data.shards import ShardSet, read_manifest
-from dcgan_dist.data.stream import ShufflePool, make_loader, stream_shards
+from dcgan_dist.data.stream import ShufflePool, make_loader, ordered_blocks, stream_shards
 
 
 def batches(shards32, rank, n, workers, start_step=0, seed=0, world=2, batch=16):
@@ -100,6 +100,22 @@ def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
     got = list(itertools.islice(iter(loader), 30))
     assert sum(bad for _, bad in got) >= 1
     assert all(images.shape == (16, 3, 32, 32) for images, _ in got)
+
+
+def test_a_damaged_shard_is_left_out_of_the_ordered_images_with_one_warning(tmp_path, shards32, capsys):
+    """What evaluation and the attribute classifier read: every block in shard order, a shard that fails
+    its sha256 skipped with a warning naming it, the rest still read."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards32, out)
+    victim = out / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[-2000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    shard_set = ShardSet.open(out)
+    images = sum(len(block) for block, _ in ordered_blocks(shard_set))
+    assert images == shard_set.manifest["count"] - shard_set.shards[1].count
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping unreadable data in shard") == 1 and "train-000001.tar" in err, err
 
 
 def test_batches_come_channels_last(shards32):

@@ -325,14 +325,14 @@ def ordered_blocks(shard_set: ShardSet, cache: Optional[Path] = None) -> Iterato
     """Every image block of the set in shard order, with its tar sample (its .json records), for readers
     that need the same images every time: evaluation and the attribute classifier. What cannot be
     read is skipped with a warning."""
-    def warn(where: str, exc: Exception) -> None:
+    def skip(where: str, exc: Exception) -> None:
         warn(f"skipping unreadable data in shard {where}: {exc}")
 
-    for sample in read_shards(list(shard_set.shards), shard_set.member_limits(), warn, cache=cache, verify_local=True):
+    for sample in read_shards(list(shard_set.shards), shard_set.member_limits(), skip, cache=cache, verify_local=True):
         try:
             yield decode_block(sample["npy"], shard_set.resolution), sample
         except (KeyError, ShardError) as exc:
-            warn(sample["__url__"], exc)
+            skip(sample["__url__"], exc)
 
 
 def first_images(shard_set: ShardSet, count: int, cache: Optional[Path] = None) -> torch.Tensor:
