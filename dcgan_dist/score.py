@@ -19,24 +19,22 @@ plus the images SWD keeps, never all images.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
 from dcgan_dist import metrics
 from dcgan_dist.data.shards import ShardSet
-from dcgan_dist.data.stream import ordered_blocks
+from dcgan_dist.data.stream import image_batches
 from dcgan_dist.errors import RunStopped, UserError, warn
 from dcgan_dist.fsutil import atomic_write_text
-from dcgan_dist.layout import RunLayout
+from dcgan_dist.layout import RunLayout, valid_run_id
 from dcgan_dist.redact import redact
 from dcgan_dist.train import dist
 from dcgan_dist.train.evaluate import cache_paths, cached_features, network_digest, write_cache
@@ -101,21 +99,6 @@ def check_memory(num_fakes: int, num_reals: int, swd_images: int, resolution: in
         fits = max(0, (per_rank - 2 * swd_images * 3 * resolution ** 2) // (FEATURE_BYTES * 3) - num_reals)
         raise UserError(f"--num {num_fakes} with {num_reals} reals needs about {need / 2**30:.1f} GiB per rank, and "
                         f"{per_rank / 2**30:.1f} GiB is free per rank here: use --num {fits} or fewer, or cap --reals")
-
-
-def image_batches(shard_set: ShardSet, count: int, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(j, uint8 images j*batch .. (j+1)*batch) over the set's first `count` images, in shard order."""
-    r = shard_set.resolution
-    pending, have, j = np.empty((0, r, r, 3), np.uint8), 0, 0
-    for block, _ in ordered_blocks(shard_set) if count > 0 else ():
-        block = block[: count - have]
-        have += len(block)
-        pending = np.concatenate([pending, block])
-        while len(pending) >= batch or (have == count and len(pending)):
-            yield j, torch.from_numpy(pending[:batch]).permute(0, 3, 1, 2).contiguous()
-            pending, j = pending[batch:], j + 1
-        if have == count:
-            return
 
 
 def real_side(acc: Accelerator, shard_set: ShardSet, proto: Protocol, inception: Optional[metrics.Inception],
@@ -239,12 +222,15 @@ def summary_to_wandb(run_dir: Path, summary: dict[str, float]) -> Optional[str]:
     in run_dir/wandb-run-id). Offline, this is one more segment of that run, which launch/wandb_sync.py
     uploads with the others. Never fails the evaluation."""
     from dcgan_dist.config import load_config
-    from dcgan_dist.track import init_kwargs, wandb_mode
+    from dcgan_dist.track import init_kwargs, redacted_argv, stage_in_run_dir, wandb_mode
 
     layout = RunLayout.of(run_dir)
     if not layout.wandb_id.is_file():
         return None
     run_id = layout.wandb_id.read_text().strip()
+    if not valid_run_id(run_id):
+        warn(f"{layout.wandb_id} holds no W&B run id; the W&B summary is left alone")
+        return None
     try:
         cfg = load_config(layout.config)
     except UserError:
@@ -257,13 +243,10 @@ def summary_to_wandb(run_dir: Path, summary: dict[str, float]) -> Optional[str]:
     try:
         import wandb
 
-        os.environ.setdefault("WANDB_DATA_DIR", str((layout.wandb / "data").resolve()))
+        stage_in_run_dir(run_dir)
         project, kwargs = init_kwargs(cfg, run_id, mode)
-        argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
-        try:
+        with redacted_argv():
             run = wandb.init(project=project, **kwargs)
-        finally:
-            sys.argv = argv
         run.summary.update(summary)
         where = run.url if mode == "online" else f"{Path(run.dir).parent}"
         run.finish()

@@ -5,6 +5,7 @@ training: a failing W&B call is reported once and W&B is switched off for the re
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import netrc
@@ -144,16 +145,12 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
     mode, why = wandb_mode(cfg)
     if mode is None:
         return None
-    # Staged artifact files wait for `wandb sync` inside the run folder, not in a home directory that a
-    # container may not be able to write.
-    os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout.of(cfg.run_dir).wandb / "data").resolve())
+    stage_in_run_dir(cfg.run_dir)
     for attempt in (mode, "offline") if mode == "online" else (mode,):
         project, kwargs = init_kwargs(cfg, run_id, attempt)
-        # W&B stores the command line (sys.argv) in the run's metadata; a data.shards=... there may hold
-        # a credential, so it is shown the redacted one while the run starts.
-        argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
         try:
-            accelerator.init_trackers(project, config=config_dict, init_kwargs={"wandb": kwargs})
+            with redacted_argv():
+                accelerator.init_trackers(project, config=config_dict, init_kwargs={"wandb": kwargs})
             run = accelerator.get_tracker("wandb", unwrap=True)
             define_metrics(run, cfg)
             where = run.url if attempt == "online" else (f"{Path(run.dir).parent} (upload it with "
@@ -164,10 +161,25 @@ def start_wandb(accelerator: Accelerator, cfg: Config, run_id: str, config_dict:
         except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
             accelerator.trackers = []
             warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-        finally:
-            sys.argv = argv
     warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
     return None
+
+
+def stage_in_run_dir(run_dir: str | Path) -> None:
+    """Staged artifact files wait for `wandb sync` inside the run folder, not in a home directory that a
+    container may not be able to write; unless the user chose WANDB_DATA_DIR."""
+    os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout.of(run_dir).wandb / "data").resolve())
+
+
+@contextlib.contextmanager
+def redacted_argv():
+    """W&B stores the command line (sys.argv) in the run's metadata; a data.shards=... or --shards there
+    may hold a credential, so it is shown the redacted one while a run starts."""
+    argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def define_metrics(run, cfg: Config) -> None:

@@ -11,6 +11,8 @@ import torch
 
 from conftest import launch_cmd, run, train_small
 from dcgan_dist import metrics, score
+from dcgan_dist.data.shards import ShardSet
+from dcgan_dist.data.stream import image_batches
 from dcgan_dist.models import Generator, init_weights
 from dcgan_dist.snapshot import snapshot_bytes
 from dcgan_dist.wandb_file import read_records
@@ -113,7 +115,7 @@ def test_the_reals_against_themselves_score_zero_and_full_coverage(scores, shard
     from safetensors.torch import load_file
 
     feats = load_file(str(scores["cache"]))["features"]
-    images = torch.cat([x for _, x in score.image_batches(score.ShardSet.open(shards32), 64, 16)])
+    images = torch.cat([x for _, x in image_batches(ShardSet.open(shards32), 64, 16)])
     reals = score.Side(feats, images)
     got = score.compute(["fid", "kid", "pr", "swd"], reals, reals, torch.device("cpu"))
     assert got["fid"] == pytest.approx(0, abs=1e-6) and got["swd"] == pytest.approx(0, abs=1e-6)

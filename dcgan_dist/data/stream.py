@@ -335,13 +335,30 @@ def ordered_blocks(shard_set: ShardSet, cache: Optional[Path] = None) -> Iterato
             skip(sample["__url__"], exc)
 
 
+def image_batches(shard_set: ShardSet, count: int, batch: int,
+                  cache: Optional[Path] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(j, uint8 (n, 3, R, R) images j*batch .. (j+1)*batch) over the set's first `count` readable
+    images in shard order: the same batches every time, for readers that split them over ranks."""
+    r = shard_set.resolution
+    pending, have, j = np.empty((0, r, r, 3), np.uint8), 0, 0
+    for block, _ in ordered_blocks(shard_set, cache) if count > 0 else ():
+        block = block[: count - have]
+        have += len(block)
+        pending = np.concatenate([pending, block])
+        while len(pending) >= batch or (have == count and len(pending)):
+            yield j, torch.from_numpy(pending[:batch]).permute(0, 3, 1, 2).contiguous()
+            pending, j = pending[batch:], j + 1
+        if have == count:
+            return
+    if len(pending):
+        yield j, torch.from_numpy(pending).permute(0, 3, 1, 2).contiguous()
+
+
 def first_images(shard_set: ShardSet, count: int, cache: Optional[Path] = None) -> torch.Tensor:
     """The first `count` images of the shard set in shard order, uint8 (count, 3, R, R): a fixed real
     set for evaluation, the same on every rank and in every run."""
-    blocks, have = [], 0
-    for block, _ in ordered_blocks(shard_set, cache):
-        blocks.append(block[: count - have])
-        have += len(blocks[-1])
-        if have == count:
-            return torch.from_numpy(np.concatenate(blocks)).permute(0, 3, 1, 2).contiguous()
-    raise RunStopped(f"only {have} readable images in the shards, fewer than eval.num_images={count}")
+    got = [images for _, images in image_batches(shard_set, count, count, cache)]
+    have = sum(len(x) for x in got)
+    if have < count:
+        raise RunStopped(f"only {have} readable images in the shards, fewer than eval.num_images={count}")
+    return got[0]

@@ -79,7 +79,8 @@ class Evaluator:
         if cached is not None:
             return cached
         b = self.batch
-        feats = dist.gather_batches(self.acc, {j: self.inception(self.real_u8[j * b:(j + 1) * b]).cpu() for j in self.mine})
+        mine = {j: self.inception(self.real_u8[j * b:(j + 1) * b]).cpu() for j in self.mine}
+        feats = dist.gather_batches(self.acc, mine)
         if self.acc.is_main_process:
             write_cache(feats, caches)
         return feats
