@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import launch_cmd, run, train_small
-from dcgan_dist import metrics, score
+from dcgan_dist import metrics, score, wandb_sync
 from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import image_batches
 from dcgan_dist.models import Generator, init_weights
@@ -107,6 +107,12 @@ def test_the_numbers_land_in_the_runs_wandb_summary(scores, trained):
                 summaries.update({item.key: json.loads(item.value_json) for item in rec.summary.update})
     assert summaries["eval64/fid"] == pytest.approx(flat(scores["again"][1])["fid"])
     assert {"eval64/kid", "eval64/precision", "eval64/recall", "eval64/swd"} <= set(summaries)
+    # launch/wandb_sync.py uploads them with the training: the training segment first, whole, then each
+    # evaluation's, which logs no rows and so cuts nothing.
+    synced_id, segments, notes = wandb_sync.plan(trained)
+    assert synced_id == run_id and not notes and len(segments) >= 4
+    assert segments[0].steps and segments[0].kept == segments[0].steps
+    assert all(not seg.steps for seg in segments[1:])
 
 
 def test_the_reals_against_themselves_score_zero_and_full_coverage(scores, shards32):
