@@ -39,7 +39,6 @@ from dcgan_dist.redact import redact
 from dcgan_dist.train import dist
 from dcgan_dist.train.evaluate import cache_paths, cached_features, network_digest, write_cache
 
-SWD_IMAGES = 16384               # PGGAN's sliced Wasserstein protocol: 16k images a side
 FEATURE_BYTES = 2048 * 4         # one image's pool3 features, float32
 LATENT_SEED_OFFSET = 7_919       # fakes never share latents with the trainer's grids or evaluations
 
@@ -52,7 +51,7 @@ class Protocol:
     batch: int                   # latents per generator forward pass
     seed: int
     swd_images: int
-    network: str                 # sha1 of the Inception file, first 12 digits
+    network: str                 # sha256 of the Inception file, first 12 digits
     preprocessing: str = metrics.PREPROCESSING
     precision: str = "fp32"
 
