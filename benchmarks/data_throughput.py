@@ -32,14 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dcgan_dist.config import load_config  # noqa: E402
+from dcgan_dist.data import stream  # noqa: E402
 from dcgan_dist.data.shards import ShardSet, read_manifest  # noqa: E402
-from dcgan_dist.data.stream import make_loader, stop_loader  # noqa: E402
 
 
 def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch.device) -> float:
-    loader = make_loader(ShardSet.open(shards), batch, 0, 0, 1, workers, shuffle_buffer=2000,
-                         pin_memory=device.type == "cuda")
-    it = iter(loader)
+    cfg = load_config(None, [f"data.batch_size={batch}", "data.shuffle_buffer=2000"])
+    it = stream.batches(ShardSet.open(shards), cfg, stream.Placement(0, 1, workers))
     try:
         for _ in range(3):                               # warm-up: workers start, shuffle buffer fills
             next(it)
@@ -52,7 +52,7 @@ def time_ours(shards: str, batch: int, workers: int, batches: int, device: torch
         assert x.shape[0] == batch
         return batches * batch / seconds
     finally:    # an exception's traceback would keep the workers, which ignore SIGTERM, alive at exit
-        stop_loader(it)
+        it.close()
 
 
 def time_seeds(jpeg_root: Path, resolution: int, batch: int, workers: int, batches: int) -> float:
@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(1)                             # the target is per core
     device = torch.device(args.device)
     if args.num_workers is None:
-        from dcgan_dist.train.dist import loader_workers
+        from dcgan_dist.dist.setup import loader_workers
 
         args.num_workers = loader_workers(None, device)
     if device.type == "cuda":

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcgan_dist import metrics  # noqa: E402
+from dcgan_dist.nets import metrics  # noqa: E402
 
 
 def best_of(repeats: int, fn):

@@ -28,13 +28,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dcgan_dist import metrics  # noqa: E402
 from dcgan_dist.config import load_config  # noqa: E402
 from dcgan_dist.data.shards import ShardSet, read_manifest  # noqa: E402
-from dcgan_dist.data.stream import first_images  # noqa: E402
-from dcgan_dist.layout import RunLayout  # noqa: E402
-from dcgan_dist.models import build_models  # noqa: E402
-from dcgan_dist.train.checkpoint import NETS, read_tensors  # noqa: E402
+from dcgan_dist.data.stream import image_batches  # noqa: E402
+from dcgan_dist.dist.setup import build_eval_accelerator  # noqa: E402
+from dcgan_dist.eval.evaluate import Evaluation, Protocol  # noqa: E402
+from dcgan_dist.nets import metrics  # noqa: E402
+from dcgan_dist.nets.models import build_models  # noqa: E402
+from dcgan_dist.run.checkpoint import NETS, read_tensors  # noqa: E402
+from dcgan_dist.run.layout import RunLayout  # noqa: E402
 
 VARIANTS = {
     "paper": [],
@@ -99,13 +101,26 @@ def run_peer(args, reals_dir: Path) -> Path:
     return last
 
 
+class Replay(torch.nn.Module):
+    """A "generator" that hands out the given images in order, batch by batch: the real-vs-real floor,
+    scored as every generator is."""
+
+    def __init__(self, images_u8: torch.Tensor, nz: int = 100):
+        super().__init__()
+        self.images, self.nz, self.at = images_u8.float() / 127.5 - 1, nz, 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out, self.at = self.images[self.at:self.at + len(z)], self.at + len(z)
+        return out
+
+
 def export_reals(shards: str, count: int, folder: Path) -> Path:
     """Every train image as a PNG under folder/all/, the layout torchvision's ImageFolder reads."""
     target = folder / "all"
     if target.is_dir() and len(list(target.iterdir())) == count:
         return folder
     target.mkdir(parents=True, exist_ok=True)
-    images = first_images(ShardSet.open(shards), count)
+    images = torch.cat([x for _, x in image_batches(ShardSet.open(shards), count, 256)])
     for i, img in enumerate(images):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(target / f"{i:06d}.png")
     return folder
@@ -135,41 +150,40 @@ def main() -> None:
             sys.exit(f"error: --variants: unknown variant '{name}' (known: {', '.join(VARIANTS)})")
 
     n = args.num_images
-    reals = first_images(ShardSet.open(args.shards), 2 * n)
+    shard_set = ShardSet.open(args.shards)
     inception = metrics.load_inception(None, torch.device("cpu"))
-    real_feats = metrics.features(inception, reals[:n]) if inception else None
-    z = torch.randn(n, 100, generator=torch.Generator().manual_seed(1_000_003))
+    # The trainer's protocol (launch/evaluate.py's too): the shards' first n images, n fakes in batches of 50.
+    evaluation = Evaluation(build_eval_accelerator(), shard_set, Protocol(("fid", "kid", "swd", "pr"), n, n, False, 50,
+                                                                          0, n), inception, args.out)
 
     results_path = args.out / "quality.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     key = f"{Path(args.shards).name}/{args.steps}"
     table = results.setdefault(key, {})
 
-    def score(label: str, fake_u8: torch.Tensor, extra: dict) -> None:
-        values = metrics.evaluate_images(reals[:n], fake_u8, inception, real_feats, names=("fid", "kid", "swd", "pr"))
+    def score(label: str, G: torch.nn.Module, extra: dict) -> None:
+        values = evaluation.score(G)
         table[label] = {**{k: round(v, 5) for k, v in values.items()}, **extra}
         results_path.write_text(json.dumps(results, indent=1))
         print(f"  {label:28s} " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if "px" not in k), flush=True)
 
     if "real vs real (floor)" not in table:
-        score("real vs real (floor)", reals[n:2 * n], {})
+        score("real vs real (floor)", Replay(torch.cat([x for _, x in image_batches(shard_set, 2 * n, n)])[n:]), {})
     if "untrained G" not in table:
         torch.manual_seed(0)                          # the trainer's init for seed 0, every time
         G, _ = build_models(100, 32, 32, manifest["resolution"])
-        score("untrained G", metrics.generate_u8(G, z, 50, torch.device("cpu")), {})
+        score("untrained G", G, {})
     for name in names:
         run_dir = args.out / Path(args.shards).name / name if args.no_train else train(name, VARIANTS[name], args)
         seconds = float((run_dir / "train_seconds.txt").read_text()) if (run_dir / "train_seconds.txt").is_file() else None
         for kind, G in load_generators(run_dir, args.steps).items():
-            score(f"{name} ({kind} G)", metrics.generate_u8(G, z, 50, torch.device("cpu")),
-                  {"overrides": VARIANTS[name], "train_seconds": seconds})
+            score(f"{name} ({kind} G)", G, {"overrides": VARIANTS[name], "train_seconds": seconds})
     if args.peer_main:
         last = run_peer(args, export_reals(args.shards, args.count, args.out / Path(args.shards).name / "peer_data"))
         G, _ = build_models(100, 32, 32, manifest["resolution"])
         G.load_state_dict(torch.load(last, map_location="cpu", weights_only=True))
         seconds = float((last.parent / "train_seconds.txt").read_text())
-        score("pytorch/examples control", metrics.generate_u8(G, z, 50, torch.device("cpu")),
-              {"train_seconds": seconds})
+        score("pytorch/examples control", G, {"train_seconds": seconds})
 
     print(f"\n{key}, {n} images per evaluation; lower is better, but precision and recall\n")
     print("| generator | FID | KID | SWD x1e3 | precision | recall |\n| --- | --- | --- | --- | --- | --- |")

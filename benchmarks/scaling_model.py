@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def gradient_bytes(nz: int = 100, ngf: int = 64, ndf: int = 64, resolution: int = 64) -> dict:
-    from dcgan_dist.models import build_models
+    from dcgan_dist.nets.models import build_models
 
     G, D = build_models(nz, ngf, ndf, resolution)
     return {"G": 4 * sum(p.numel() for p in G.parameters()), "D": 4 * sum(p.numel() for p in D.parameters())}

@@ -52,30 +52,30 @@ def _config(batch: int, channels_last: bool, keys: tuple[str, ...] = ()):
 
 
 def _new_runner(acc, variant: str, batch: int, channels_last: bool, compile_: bool, keys: tuple[str, ...] = ()):
-    """The trainer's own runner (loop.build + loop.make_runner), changed only as the variant says."""
-    from dcgan_dist.train import dist, loop
-    from dcgan_dist.train.state import TrainerState
+    """The trainer's own step (trainer.build_nets + TrainStep), changed only as the variant says."""
+    from dcgan_dist.dist.setup import autocast
+    from dcgan_dist.train.step import TrainStep
+    from dcgan_dist.train.trainer import build_nets
 
     cfg = _config(batch, channels_last, keys)
     graph = variant == "graph"
     torch.backends.cudnn.benchmark = variant != "eager-nobench"
-    stream = dist.graph_stream(acc, graph)
-    nets = loop.build(acc, cfg, stream)
+    stream = torch.cuda.Stream(acc.device) if graph else None
+    nets = build_nets(acc, cfg, stream)
     if compile_:
         nets.G, nets.D = torch.compile(nets.G), torch.compile(nets.D)
-    loop.apply_optim_config(nets, cfg, graph)
     if variant == "eager-foreach":
         for opt in (nets.opt_g, nets.opt_d):
             for group in opt.param_groups:
                 group.update(fused=False, foreach=True)
-    runner = loop.make_runner(acc, cfg, nets, TrainerState(), graph, stream)
-    return runner, lambda batch_u8, i: runner(batch_u8, i), lambda: runner.step.totals.stats.tolist()
+    step = TrainStep(nets, cfg, autocast(acc), acc.scaler, stream)
+    return step, lambda batch_u8, i: step(batch_u8, i, (i + 1) * batch), lambda: step.sums.tolist()
 
 
 def _legacy_runner(acc, batch: int, channels_last: bool):
     """The pre-issue-11 step, kept here as the baseline: every call goes through Accelerate's wrappers."""
-    from dcgan_dist import losses
-    from dcgan_dist.models import build_models
+    from dcgan_dist.nets import losses
+    from dcgan_dist.nets.models import build_models
 
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
@@ -225,15 +225,15 @@ def flops_per_image(batch: int = 16) -> float:
 
     from accelerate import Accelerator
 
-    from dcgan_dist.train import loop
-    from dcgan_dist.train.state import TrainerState
+    from dcgan_dist.dist.setup import autocast
+    from dcgan_dist.train.step import TrainStep
+    from dcgan_dist.train.trainer import build_nets
 
     acc = Accelerator(cpu=True)
     cfg = _config(batch, False)
-    nets = loop.build(acc, cfg)
-    runner = loop.make_runner(acc, cfg, nets, TrainerState(), False, None)
+    step = TrainStep(build_nets(acc, cfg), cfg, autocast(acc), acc.scaler)
     with FlopCounterMode(display=False) as counter:
-        runner(torch.zeros(batch, 3, 64, 64, dtype=torch.uint8), 0)
+        step(torch.zeros(batch, 3, 64, 64, dtype=torch.uint8), 0, batch)
     return counter.get_total_flops() / batch
 
 

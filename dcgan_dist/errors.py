@@ -1,9 +1,12 @@
-"""Errors that deserve one clear line and a non-zero exit, not a traceback."""
+"""Errors that deserve one clear line and a non-zero exit, and the one channel for every warning, note and
+error line: `warn`, `note` and, for errors, `main_guard`. Each line is said once: by global rank 0, or by
+the rank whose own news it is (`mine`), or once per machine (`PeerLost`)."""
 from __future__ import annotations
 
 import functools
 import os
 import sys
+import tempfile
 
 from dcgan_dist.host import process_start_ticks
 
@@ -32,18 +35,41 @@ MARKER_PREFIX = "dcgan-dist-stopped-"
 EXIT_REPORT_ENV = "DCGAN_EXIT_REPORT_DIR"
 
 
-def warn(message: str) -> None:
-    """The one form of a warning: one line on stderr, flushed at once (a rank may die right after)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(kind: str, message: str, mine: bool = False) -> None:
+    """`kind: message` as one line on stderr, flushed at once (a rank may die right after). Global rank 0
+    says it, unless it is `mine`: this rank's own news (its shards, its signal), which any rank says,
+    naming itself when the job has several. Through tqdm, so a progress bar is redrawn below it."""
+    if mine or rank() == 0:
+        who = f"[rank {rank()}] " if mine and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        _write(f"{kind}: {who}{message}")
+
+
+def _write(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def warn(message: str, mine: bool = False) -> None:
+    say("warning", message, mine)
+
+
+def note(message: str, mine: bool = False) -> None:
+    say("note", message, mine)
 
 
 def report_exit(code: int) -> None:
-    """Tell the supervisor (dcgan_dist.supervise) this rank's exit code: torchrun reports 1 for any
-    failed rank, and the job's exit code depends on why it failed. A no-op when nobody asks."""
+    """Tell the supervisor (dist/supervise.py) this rank's exit code: torchrun reports 1 for any failed
+    rank, and the job's exit code depends on why it failed. A no-op when nobody asks."""
     folder = os.environ.get(EXIT_REPORT_ENV)
     if not folder:
         return
-    path = os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}")
+    path = os.path.join(folder, f"rank-{rank()}")
     try:
         with open(path + ".tmp", "w") as f:
             f.write(f"{code}\n")
@@ -57,8 +83,6 @@ def _first_on_this_machine() -> bool:
     as soon as one exits, so waiting for local rank 0 to speak could lose the line; the ranks of one
     launcher share its PID, so an exclusively created file named after it picks one of them. The name
     carries the launcher's start time too: a PID comes back, and a stale file must not silence a later job."""
-    import tempfile
-
     launcher = os.getppid()
     name = f"{MARKER_PREFIX}{launcher}-{process_start_ticks(launcher)}-{os.environ.get('MASTER_PORT', '')}"
     marker = os.path.join(tempfile.gettempdir(), name)
@@ -93,10 +117,8 @@ def _sweep_markers(folder: str) -> None:
 
 def main_guard(fn):
     """Wrap a launch script's main(): a UserError prints `error: <message>` once and exits with its code.
-
-    Under a multi-rank launch every rank usually hits the same error; only global rank 0 prints it
-    (each machine's first rank to fail, for errors marked `every_node`).
-    """
+    Under a multi-rank launch every rank usually hits the same error; global rank 0 says it (each
+    machine's first rank to fail, for errors marked `every_node`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -114,9 +136,10 @@ def main_guard(fn):
             report_exit(code)
         # Exit outside the except block: the traceback (and any loader workers its frames hold) is freed
         # first, so interpreter shutdown never waits on a worker that nobody will stop.
-        if _first_on_this_machine() if every_node else os.environ.get("RANK", "0") == "0":
-            # A rank other than the progress bar's may speak: start on a line of its own.
-            print(f"{chr(10) if every_node else ''}error: {message}", file=sys.stderr, flush=True)
+        if not every_node:
+            say("error", message)
+        elif _first_on_this_machine():              # once per machine, by whichever rank asks first
+            _write(f"error: {message}")
         sys.exit(code)
 
     return wrapper

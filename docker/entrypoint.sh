@@ -20,7 +20,7 @@
 #                      restarted (default: 0 for a signal, 4 for a lost machine). Set 143 on Kubernetes.
 #   DRY_RUN=1          print the command and exit
 #
-# Training runs under dcgan_dist.supervise: SIGTERM/SIGINT go straight to the ranks, which checkpoint
+# Training runs under dcgan_dist.dist.supervise: SIGTERM/SIGINT go straight to the ranks, which checkpoint
 # and exit; torchrun never sees them (it would SIGKILL the ranks 30 s later and exit 1). This script
 # exec()s, so in a container that process is PID 1 and gets `docker stop`'s signal itself.
 set -euo pipefail
@@ -85,4 +85,4 @@ echo "dcgan-dist: ${shown% }" >&2
 if [[ -n "${DRY_RUN:-}" ]]; then
   exit 0
 fi
-exec python -m dcgan_dist.supervise -- "${cmd[@]}"
+exec python -m dcgan_dist.dist.supervise -- "${cmd[@]}"

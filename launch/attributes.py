@@ -23,7 +23,7 @@ def main() -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs: expected a positive count, got {args.epochs}")
 
-    from dcgan_dist.attributes import cached_path, save_classifier, train_classifier
+    from dcgan_dist.eval.attributes import cached_path, save_classifier, train_classifier
     from dcgan_dist.data.shards import ShardSet
 
     shards = Path(args.shards)

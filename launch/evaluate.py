@@ -40,9 +40,9 @@ def main() -> None:
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive count, got {value}")
 
-    from dcgan_dist import score  # after the flags: a typo fails before torch loads
+    from dcgan_dist.eval import evaluate  # after the flags: a typo fails before torch loads
 
-    score.run(args)
+    evaluate.run(args)
 
 
 if __name__ == "__main__":

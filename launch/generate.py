@@ -39,7 +39,7 @@ def main() -> None:
     if args.interpolate is not None and args.interpolate < 1:
         raise UserError(f"--interpolate: expected a positive count of paths, got {args.interpolate}")
 
-    from dcgan_dist import generate  # after the flags: a typo fails before torch loads
+    from dcgan_dist.eval import generate  # after the flags: a typo fails before torch loads
 
     out = generate.run(args)
     print(out, file=sys.stderr)

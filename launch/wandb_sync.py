@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--wandb", help="the wandb command (default: wandb on PATH, else beside this Python)")
     args = p.parse_args()
 
-    from dcgan_dist.wandb_sync import sync
+    from dcgan_dist.report.wandb_sync import sync
 
     sys.exit(sync(args.run_dir, args.wandb, args.dry_run, args.all, args.project, args.entity))
 

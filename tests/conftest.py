@@ -182,7 +182,7 @@ def train_small(shards: Path, run_dir: Path, **keys) -> Path:
 
 def saved_net(checkpoint: Path, net: str) -> dict:
     """The state dict of "G", "D" or "ema" in a checkpoint folder, read (and checked) as a resume reads it."""
-    from dcgan_dist.train.checkpoint import NETS, read_tensors
+    from dcgan_dist.run.checkpoint import NETS, read_tensors
 
     return {k[len(net) + 1:]: v for k, v in read_tensors(Path(checkpoint), NETS).items() if k.startswith(net + ".")}
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import run
-from dcgan_dist import metrics
+from dcgan_dist.nets import metrics
 
 
 def last_json(out):

@@ -1,5 +1,5 @@
 """checkpoints/best is replaced without ever leaving the run with no complete best on disk."""
-from dcgan_dist.train.checkpoint import MARKER, _replace_dir, recover_best
+from dcgan_dist.run.checkpoint import MARKER, _replace_dir, recover_best
 
 
 def complete(path, step):

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, launch_cmd, overrides, run
-from test_faults import fp32_args, kill_group, start, wait_for, workers
-from dcgan_dist.wandb_file import config as wandb_config
+from test_faults import fp32_args, kill_group, start, wait_for, with_faults, workers
+from dcgan_dist.report.wandb_file import config as wandb_config
 
 PATH_ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 
@@ -164,7 +164,7 @@ def test_second_job_on_a_running_run_dir_stops_with_one_line(shards32, tmp_path)
 def test_full_disk_during_a_save_stops_with_one_line_and_keeps_the_previous(shards32, tmp_path):
     run_dir = tmp_path / "run"
     args = fp32_args(shards32, run_dir, steps=9)
-    out = run(launch_cmd(args), env={**os.environ, "DCGAN_FAULT_ENOSPC": "6"}, timeout=300)
+    out = run(launch_cmd(with_faults(args)), env={**os.environ, "DCGAN_FAULT_ENOSPC": "6"}, timeout=300)
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
     assert "could not write checkpoint 'step-00000006'" in errors[0] and "No space left on device" in errors[0]

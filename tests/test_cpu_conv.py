@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan_dist.models import build_models
+from dcgan_dist.nets.models import build_models
 from dcgan_dist.ops import cpu_conv
 from dcgan_dist.ops.cpu_conv import (SwitchableConv2d, SwitchableConvTranspose2d, _SmallSideConv,
                                        use_forward_weight_grads, weight_grad_as_conv)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from test_cluster import PATH_ENV, free_port, train_keys
-from dcgan_dist.wandb_file import config as wandb_config
+from dcgan_dist.report.wandb_file import config as wandb_config
 
 pytestmark = pytest.mark.deploy
 

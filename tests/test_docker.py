@@ -103,7 +103,7 @@ def test_build_context_holds_no_secret_and_everything_the_image_runs():
                                                 "docker"}, sorted({p.split("/")[0] for p in sent})
     assert sorted(p for p in sent if p.startswith("docker/")) == ["docker/Dockerfile", "docker/entrypoint.sh",
                                                                    "docker/requirements.txt"]
-    assert "dcgan_dist/supervise.py" in sent and "launch/train.py" in sent
+    assert "dcgan_dist/dist/supervise.py" in sent and "launch/train.py" in sent
 
 
 def test_no_secret_in_any_deploy_file():
@@ -347,7 +347,7 @@ def test_image_tree_from_the_build_context_has_everything_the_entry_point_runs(t
                        "GPUS_PER_MACHINE": gpus})
         cmd = rendered(out)
         assert (tmp_path / cmd[cmd.index("--config_file") + 1]).is_file() and (tmp_path / "launch/train.py").is_file()
-    assert (tmp_path / "dcgan_dist/supervise.py").is_file()
+    assert (tmp_path / "dcgan_dist/dist/supervise.py").is_file()
 
 
 def test_the_package_builds_as_the_image_installs_it(tmp_path):
@@ -358,4 +358,4 @@ def test_the_package_builds_as_the_image_installs_it(tmp_path):
 
     (wheel,) = tmp_path.glob("dcgan_dist-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "dcgan_dist/runlock.py" in names and "dcgan_dist/train/loop.py" in names
+    assert "dcgan_dist/run/lock.py" in names and "dcgan_dist/train/trainer.py" in names

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import launch_cmd, run, train_small
-from dcgan_dist import metrics, score, wandb_sync
+from dcgan_dist.nets import metrics
+from dcgan_dist.report import wandb_sync
 from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import image_batches
-from dcgan_dist.models import Generator, init_weights
-from dcgan_dist.snapshot import snapshot_bytes
-from dcgan_dist.wandb_file import read_records
+from dcgan_dist.nets.models import Generator, init_weights
+from dcgan_dist.run.snapshot import snapshot_bytes
+from dcgan_dist.report.wandb_file import read_records
 
 pytestmark = pytest.mark.skipif(metrics.inception_path(None) is None, reason="no FID Inception weights installed")
 
@@ -122,8 +123,7 @@ def test_the_reals_against_themselves_score_zero_and_full_coverage(scores, shard
 
     feats = load_file(str(scores["cache"]))["features"]
     images = torch.cat([x for _, x in image_batches(ShardSet.open(shards32), 64, 16)])
-    reals = score.Side(feats, images)
-    got = score.compute(["fid", "kid", "pr", "swd"], reals, reals, torch.device("cpu"))
+    got = metrics.compute(["fid", "kid", "pr", "swd"], metrics.Inputs(images, images, feats, feats))
     assert got["fid"] == pytest.approx(0, abs=1e-6) and got["swd"] == pytest.approx(0, abs=1e-6)
     assert got["precision"] == got["recall"] == 1.0 and abs(got["kid"]) < 0.01
 

@@ -25,6 +25,14 @@ def fp32_args(shards, run_dir, steps=24, **over):
             *overrides(keys)]
 
 
+def with_faults(args: list) -> list:
+    """The same launch through tests/scripts/faults.py, which installs the DCGAN_FAULT_* hooks first."""
+    return [FAULTS if a == "launch/train.py" else a for a in args]
+
+
+FAULTS = "tests/scripts/faults.py"
+
+
 def start(args, env=None, num_processes=2) -> subprocess.Popen:
     """Start a job (2 ranks unless told) in its own process group, so that kill -9 can take all of it at once."""
     return subprocess.Popen(launch_cmd(args, num_processes), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -134,7 +142,7 @@ def test_kill9_whole_job_at_random_points_then_resume_exactly(shards32, tmp_path
 def test_kill9_during_checkpoint_write_keeps_previous(shards32, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     args = fp32_args(shards32, run_dir)
-    proc = start(args, env={"DCGAN_FAULT_SLOW_SAVE": "6:60"})      # hold the step-6 save half written
+    proc = start(with_faults(args), env={"DCGAN_FAULT_SLOW_SAVE": "6:60"})   # hold the step-6 save half written
     half_done = run_dir / "checkpoints" / ".tmp-step-00000006"
     wait_for(lambda: (half_done / "rng-0.json").is_file(), proc, what="the step-6 save in progress")
     kill_group(proc)

@@ -40,7 +40,7 @@ def generate(*args, timeout=300):
 
 
 def test_snapshot_beside_every_checkpoint_and_the_best(trained):
-    from dcgan_dist.snapshot import read_metadata
+    from dcgan_dist.run.snapshot import read_metadata
 
     for step in (150, 300):
         meta = read_metadata(trained / f"checkpoints/step-{step:08d}/generator.safetensors")
@@ -56,8 +56,7 @@ def test_plain_torch_load_gives_the_trainers_samples(trained):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from dcgan_dist.models import Generator
-    from dcgan_dist.sample import sample
+    from dcgan_dist.nets.models import Generator, sample
 
     path = trained / "checkpoints/step-00000300/generator.safetensors"
     with safe_open(str(path), framework="pt") as f:
@@ -68,7 +67,7 @@ def test_plain_torch_load_gives_the_trainers_samples(trained):
     ema.load_state_dict(saved_net(trained / "checkpoints/step-00000300", "ema"))
     z = torch.randn(16, 100, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample(G, z), sample(ema, z))
-    code = ("import sys; from dcgan_dist.snapshot import load_snapshot; G, meta = load_snapshot(sys.argv[1]); "
+    code = ("import sys; from dcgan_dist.run.snapshot import load_snapshot; G, meta = load_snapshot(sys.argv[1]); "
             "assert 'accelerate' not in sys.modules and meta['step'] == 300")
     out = run([sys.executable, "-c", code, path], timeout=60)
     assert out.returncode == 0, out.stderr                         # the loader itself never needs accelerate
@@ -103,7 +102,7 @@ def test_classifier_beats_chance_on_held_out_images(faces32):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out images: 120" in out.stdout and "Smiling" in out.stdout       # accuracy per attribute
     assert "training the attribute classifier" in out.stderr                      # with a progress bar
-    from dcgan_dist.attributes import load_classifier
+    from dcgan_dist.eval.attributes import load_classifier
 
     _, info = load_classifier(faces32 / "attributes.safetensors")                  # cached by the shards
     report = info["report"]["attributes"]

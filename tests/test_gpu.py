@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import accelerate_launch, overrides, read_metrics, run
-from test_faults import kill_group, last_step, start, wait_for
+from test_faults import kill_group, last_step, start, wait_for, with_faults
 
 gpu = pytest.mark.gpu
 
@@ -85,8 +85,9 @@ def test_bf16_run_uses_the_graph_checkpoints_logs_and_resumes(shards64, tmp_path
 @pytest.mark.parametrize("graph", [True, False])
 def test_fp16_grad_scaler_skips_forced_overflows(shards64, tmp_path, graph):
     run_dir = tmp_path / "run"
-    out = accelerate_launch(one_gpu("fp16", *args(shards64, run_dir, steps=10, **{"train.cuda_graph": graph})),
-                            num_processes=1, env={**os.environ, "DCGAN_FAULT_OVERFLOW": "5,6"}, timeout=400)
+    launch = with_faults(args(shards64, run_dir, steps=10, **{"train.cuda_graph": graph}))
+    out = accelerate_launch(one_gpu("fp16", *launch), num_processes=1, env={**os.environ, "DCGAN_FAULT_OVERFLOW": "5,6"},
+                            timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"cuda_graph={graph}" in out.stdout and "mixed_precision=fp16" in out.stdout
     rows = {r["step"]: r for r in train_rows(run_dir)}
@@ -126,21 +127,22 @@ def test_kill9_then_resume_matches_an_uninterrupted_gpu_run(shards64, tmp_path):
 
 @gpu
 def test_loader_hands_over_pinned_batches(shards64):
+    from dcgan_dist.config import load_config
+    from dcgan_dist.data import stream
     from dcgan_dist.data.shards import ShardSet
-    from dcgan_dist.data.stream import make_loader, stop_loader
-    from dcgan_dist.train.dist import loader_workers
+    from dcgan_dist.dist.setup import loader_workers
 
     workers = loader_workers(None, torch.device("cuda"))
     assert workers >= 1
-    loader = make_loader(ShardSet.open(shards64), 32, 0, 0, 1, workers, 64, pin_memory=True)
-    batches = iter(loader)
+    cfg = load_config(None, ["data.batch_size=32", "data.shuffle_buffer=64"])
+    batches = stream.batches(ShardSet.open(shards64), cfg, stream.Placement(0, 1, workers))
     try:
         images, _ = next(batches)
         assert images.is_pinned() and images.dtype == torch.uint8
         on_gpu = images.to("cuda", non_blocking=True)
         assert torch.equal(on_gpu.cpu(), images)
     finally:
-        stop_loader(batches)
+        batches.close()
 
 
 @gpu

@@ -71,7 +71,7 @@ def test_a_real_cgroup_quota_caps_the_threads_per_rank(tmp_path):
             on_all_cores()
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
-        code = "from dcgan_dist.train.dist import cpu_threads; print(cpu_threads(None))"
+        code = "from dcgan_dist.dist.setup import cpu_threads; print(cpu_threads(None))"
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "LOCAL_WORLD_SIZE": "1"}, preexec_fn=enter)
         assert out.returncode == 0, out.stderr

@@ -10,8 +10,8 @@ import yaml
 
 from conftest import ALL_CORES, accelerate_launch, on_all_cores, run, saved_net
 from conftest import read_metrics as metrics
-from dcgan_dist.wandb_file import config as wandb_config
-from dcgan_dist.wandb_file import history, run_ids
+from dcgan_dist.report.wandb_file import config as wandb_config
+from dcgan_dist.report.wandb_file import history, run_ids
 
 
 def tiny(shards, run_dir, steps=12):
@@ -167,15 +167,13 @@ def test_one_cpu_rank_uses_every_core_under_plain_accelerate_launch(shards32, tm
 
 def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, shards32):
     """FID, KID and SWD as the 2-rank job logged them at step 12, recomputed here in one process from
-    the EMA generator saved at that step, on the same real images and latents."""
-    import torch
-
-    from dcgan_dist import metrics as m
+    the EMA generator saved at that step, through the trainer's own evaluation."""
     from dcgan_dist.config import load_config
     from dcgan_dist.data.shards import ShardSet
-    from dcgan_dist.data.stream import first_images
-    from dcgan_dist.models import build_models
-    from dcgan_dist.train.evaluate import EVAL_SEED_OFFSET
+    from dcgan_dist.dist.setup import build_eval_accelerator
+    from dcgan_dist.nets import metrics as m
+    from dcgan_dist.nets.models import build_models
+    from dcgan_dist.train.trainer import periodic_evaluation
 
     run_dir, first = trained
     assert first.returncode == 0
@@ -183,11 +181,9 @@ def test_eval_rows_from_two_ranks_match_one_process_on_the_same_images(trained, 
     cfg = load_config(run_dir / "config.yaml")
     G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)
     G.load_state_dict(saved_net(run_dir / "checkpoints/step-00000012", "ema"))
-    z = torch.randn(cfg.eval.num_images, cfg.model.nz,
-                    generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
-    fakes = m.generate_u8(G, z, cfg.eval.batch_per_rank, torch.device("cpu"))
-    reals = first_images(ShardSet.open(shards32), cfg.eval.num_images)
-    mine = m.evaluate_images(reals, fakes, m.load_inception(None, torch.device("cpu")))
+    cfg.run_dir = str(run_dir / "one-process")          # its own reals' cache, not the job's
+    evaluation, _ = periodic_evaluation(build_eval_accelerator(), cfg, ShardSet.open(shards32))
+    mine = evaluation.score(G)
     assert {f"eval/{k}" for k in mine} <= set(row)
     for key, value in mine.items():
         assert row[f"eval/{key}"] == pytest.approx(value, rel=2e-3, abs=1e-4), key

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan_dist import losses
-from dcgan_dist.models import Discriminator, Generator, build_models
+from dcgan_dist.nets import losses
+from dcgan_dist.nets.models import Discriminator, Generator, build_models
 
 
 @pytest.mark.parametrize("resolution", [32, 64, 128])
@@ -72,7 +72,7 @@ def test_bf16_autocast_forward_backward():
 
 
 def test_models_and_losses_never_import_accelerate():
-    code = "import sys, dcgan_dist.models, dcgan_dist.losses; print('accelerate' in sys.modules)"
+    code = "import sys, dcgan_dist.nets.models, dcgan_dist.nets.losses; print('accelerate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -81,7 +81,7 @@ def test_models_and_losses_never_import_accelerate():
 def test_sample_grid_matches_torchvision_make_grid(n, nrow):
     from torchvision.utils import make_grid
 
-    from dcgan_dist.report import grid_image
+    from dcgan_dist.report.plots import grid_image
 
     images = torch.rand(n, 3, 8, 8) * 2.4 - 1.2                      # a little out of range on both sides
     ref = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
@@ -91,6 +91,6 @@ def test_sample_grid_matches_torchvision_make_grid(n, nrow):
 
 def test_training_path_does_not_import_torchvision():
     # torchvision costs every rank 160 MB of RSS; the trainer needs none of it.
-    code = "import sys, dcgan_dist.train.loop; print('torchvision' in sys.modules)"
+    code = "import sys, dcgan_dist.train.trainer; print('torchvision' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

@@ -105,8 +105,8 @@ def test_cache_serves_later_passes_without_downloading(served, tmp_path):
 def test_eval_and_verification_read_the_remote_set(served, shards32, tmp_path):
     server, url = served
     shards = list(ShardSet.open(url).shards)
-    assert verify(shards) == {}
-    assert verify(shards, cache=tmp_path) == {}              # the check fills the cache...
+    assert verify(ShardSet.open(url), shards) == {}
+    assert verify(ShardSet.open(url, cache=str(tmp_path)), shards) == {}     # the check fills the cache...
     before = len(server.gets)
     assert all(isinstance(fetch_shard(s, tmp_path), bytes) for s in shards)
     assert len(server.gets) == before                    # ...so the loader downloads nothing again

@@ -9,7 +9,7 @@ import torch
 
 from conftest import accelerate_launch, overrides, saved_net
 from conftest import read_metrics as metrics
-from dcgan_dist.ema import ema_beta
+from dcgan_dist.nets.ema import ema_beta
 
 KEYS = {"model.resolution": 32, "model.ngf": 8, "model.ndf": 8, "data.batch_size": 8, "data.num_workers": 0,
         "data.shuffle_buffer": 32, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 1,

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from dcgan_dist import runlock
+from dcgan_dist.run import lock as runlock
 from dcgan_dist.errors import RunStopped, UserError
 from dcgan_dist.host import process_start_ticks
-from dcgan_dist.runlock import Holder, RunLock
+from dcgan_dist.run.lock import Holder, RunLock
 
 
 def write_lock(path, holder: Holder, age_s: float = 0.0):

@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from dcgan_dist.config import load_config
+from dcgan_dist.data import stream
 from dcgan_dist.data.shards import ShardSet, read_manifest
-from dcgan_dist.data.stream import ShufflePool, make_loader, ordered_blocks, stream_shards
+from dcgan_dist.data.stream import Placement, ShufflePool, ordered_blocks, stream_shards
+
+
+def loader(shards, batch=16, seed=0, rank=0, world=1, workers=0, shuffle_buffer=64, start_step=0):
+    cfg = load_config(None, [f"data.batch_size={batch}", f"seed={seed}", f"data.shuffle_buffer={shuffle_buffer}"])
+    return stream.batches(ShardSet.open(shards), cfg, Placement(rank, world, workers), start_step)
 
 
 def batches(shards32, rank, n, workers, start_step=0, seed=0, world=2, batch=16):
-    loader = make_loader(ShardSet.open(shards32), batch, seed, rank, world, workers, shuffle_buffer=64,
-                         start_step=start_step)
-    got = list(itertools.islice(iter(loader), n))
+    got = list(itertools.islice(loader(shards32, batch, seed, rank, world, workers, start_step=start_step), n))
     assert all(bad == 0 for _, bad in got)
     return [images for images, _ in got]
 
@@ -54,8 +59,7 @@ def test_restart_past_the_first_chunk_with_workers(shards32):
 
 
 def test_chunks_are_handed_over_as_pinned_views_of_one_chunk(shards32):
-    loader = make_loader(ShardSet.open(shards32), 16, 0, 0, 1, 1, shuffle_buffer=64)
-    it = iter(loader)
+    it = loader(shards32, workers=1)
     first, second = next(it)[0], next(it)[0]
     assert first.shape == second.shape == (16, 3, 32, 32)
     assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()   # one hand-over
@@ -96,8 +100,7 @@ def test_corrupt_block_is_skipped_and_counted(tmp_path, shards32):
     data = bytearray(victim.read_bytes())
     data[member.offset_data:member.offset_data + 8] = b"garbage!"      # breaks the .npy magic, tar stays valid
     victim.write_bytes(bytes(data))
-    loader = make_loader(ShardSet.open(out), 16, 0, 0, 1, 0, shuffle_buffer=32)
-    got = list(itertools.islice(iter(loader), 30))
+    got = list(itertools.islice(loader(out, shuffle_buffer=32), 30))
     assert sum(bad for _, bad in got) >= 1
     assert all(images.shape == (16, 3, 32, 32) for images, _ in got)
 
@@ -129,5 +132,5 @@ def test_problems_met_while_the_shuffle_pool_fills_are_counted(tmp_path, shards3
     out = tmp_path / "shards"
     shutil.copytree(shards32, out)
     (out / "train-000001.tar").write_bytes(b"\0" * 10 + b"garbage" * 100)
-    got = list(itertools.islice(iter(make_loader(ShardSet.open(out), 16, 0, 0, 1, 0, shuffle_buffer=2000)), 3))
+    got = list(itertools.islice(loader(out, shuffle_buffer=2000), 3))
     assert got[0][1] >= 1

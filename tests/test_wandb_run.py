@@ -4,7 +4,7 @@ import pytest
 
 from conftest import launch_cmd, run
 from test_faults import fp32_args, kill_group, start, wait_for
-from dcgan_dist.wandb_file import config as wandb_config
+from dcgan_dist.report.wandb_file import config as wandb_config
 
 
 def run_ids(run_dir) -> list[str]:
@@ -46,7 +46,7 @@ def test_a_bad_run_id_file_is_replaced_with_one_warning(shards32, tmp_path, cont
 def test_the_server_probe_tells_a_listening_port_from_a_closed_one(monkeypatch):
     import socket
 
-    from dcgan_dist.track import server_unreachable
+    from dcgan_dist.report.track import server_unreachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -69,7 +69,7 @@ def test_the_server_probe_tells_a_listening_port_from_a_closed_one(monkeypatch):
     ("offline", {}, True, ("offline", ""))])
 def test_the_mode_follows_the_key_the_variable_and_the_server(monkeypatch, tmp_path, mode, env, key, expected):
     from dcgan_dist.config import load_config
-    from dcgan_dist.track import wandb_mode
+    from dcgan_dist.report.track import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))                      # no ~/.netrc
@@ -87,7 +87,7 @@ def test_the_samples_table_is_skipped_quietly_without_attributes_and_explained_w
 
     from PIL import Image
 
-    from dcgan_dist.attributes import scorer_for
+    from dcgan_dist.eval.attributes import scorer_for
     from dcgan_dist.data.celeba import open_source
     from dcgan_dist.data.shards import ShardSet, write_shards
 

@@ -18,13 +18,13 @@ manifest comes last, so its presence means the set is complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import queue
 import re
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from dcgan_dist.data import remote
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import UserError, warn
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir, probe_writable
 from dcgan_dist.redact import redact
 
@@ -158,7 +158,7 @@ def _finish_manifest(source: Source, output: Path, resolution: int, split: str, 
     skipped = [s for e in entries for s in e.pop("skipped")]
     count = sum(e["count"] for e in entries)
     for line in skipped[:20]:
-        print(f"warning: skipped unreadable image {line}", file=sys.stderr)
+        warn(f"skipped unreadable image {line}")
     if skipped and len(skipped) > max_skip_fraction * (count + len(skipped)):
         raise UserError(f"input '{source.root}': {len(skipped)} of {count + len(skipped)} images unreadable, "
                         f"more than the allowed fraction {max_skip_fraction}; manifest not written")
@@ -227,14 +227,15 @@ class ShardSet:
     manifest: dict
     shards: tuple[Shard, ...]
     remote: bool                    # a URL or pipe: set rather than a folder: asked here, once
+    cache: Optional[Path] = None    # a remote set's local copies (data.cache_dir), read before downloading
 
     @classmethod
-    def open(cls, location: Union[str, Path]) -> "ShardSet":
+    def open(cls, location: Union[str, Path], cache: Optional[str] = None) -> "ShardSet":
         manifest = read_manifest(location)
         far = remote.is_remote(str(location))
         shards = tuple(Shard(str(location), e["name"], e["bytes"], e["sha256"], e["count"], far)
                        for e in manifest["shards"])
-        return cls(str(location), manifest, shards, far)
+        return cls(str(location), manifest, shards, far, Path(cache) if cache and far else None)
 
     @property
     def shown(self) -> str:
@@ -256,7 +257,7 @@ class ShardSet:
         return {"npy": NPY_HEADER_MAX + n * r * r * 3, "json": n * JSON_PER_IMAGE_MAX}
 
     def without(self, names: set[str]) -> "ShardSet":
-        return ShardSet(self.location, self.manifest, tuple(s for s in self.shards if s.name not in names), self.remote)
+        return dataclasses.replace(self, shards=tuple(s for s in self.shards if s.name not in names))
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -349,9 +350,9 @@ def _check_fields(manifest: dict, path: str) -> None:
         bad(f"count {manifest['count']}", f"the sum of the shards' counts, {sum(e['count'] for e in manifest['shards'])}")
 
 
-def verify(shards: list[Shard], cache: Optional[Path] = None) -> dict[str, str]:
+def verify(shard_set: ShardSet, shards: list[Shard]) -> dict[str, str]:
     """{name: why} for each of `shards` whose bytes do not match its manifest entry. A local file is
-    hashed where it lies; a remote one is downloaded (into `cache`, if given, for the loader to find)."""
+    hashed where it lies; a remote one is downloaded (into the set's cache, if any, for the loader)."""
     bad = {}
     local = [s for s in shards if not s.remote]
     for shard in local:
@@ -359,7 +360,7 @@ def verify(shards: list[Shard], cache: Optional[Path] = None) -> dict[str, str]:
         if problem:
             bad[shard.name] = problem
     remote_shards = [s for s in shards if s.remote]
-    for shard, data in remote.fetch_ahead(remote_shards, lambda s: fetch_shard(s, cache)):
+    for shard, data in remote.fetch_ahead(remote_shards, lambda s: fetch_shard(s, shard_set.cache)):
         if isinstance(data, OSError):
             bad[shard.name] = f"could not be read ({data})"
     return bad

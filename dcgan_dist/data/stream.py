@@ -23,13 +23,15 @@ import io
 import re
 import signal
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dcgan_dist.config import Config
 from dcgan_dist.data import remote
 from dcgan_dist.data.shards import NPY_HEADER_MAX, Shard, ShardSet, checked_bytes, fetch_shard
 from dcgan_dist.errors import RunStopped, warn
@@ -84,15 +86,15 @@ def iter_tar(shard: Shard, limits: dict[str, int], on_error: Callable[[str, Exce
         yield sample
 
 
-def read_shards(shards: list[Shard], limits: dict[str, int], on_error: Callable[[str, Exception], None],
-                on_retry: Optional[Callable[[str], None]] = None, cache: Optional[Path] = None,
+def read_shards(shard_set: ShardSet, shards: list[Shard], on_error: Callable[[str, Exception], None],
                 verify_local: bool = False) -> Iterator[dict]:
-    """The samples of `shards` in order. Remote shards (data/remote.py) are downloaded whole, a few ahead,
-    by threads of this process (a loader worker, when there are workers), checked against their manifest
-    entry and kept in `cache` if given; one that still fails after its retries is reported to `on_error`
-    and skipped. Local shards are read from disk as they are (training verified them at start), or,
-    with `verify_local`, read whole and checked first."""
-    if not shards or not shards[0].remote:
+    """The samples of `shards` (of `shard_set`) in order. Remote shards (data/remote.py) are downloaded
+    whole, a few ahead, by threads of this process (a loader worker, when there are workers), checked
+    against their manifest entry and kept in the set's cache if it has one; one that still fails after its
+    retries is reported to `on_error` and skipped. Local shards are read from disk as they are (training
+    verified them at start), or, with `verify_local`, read whole and checked first."""
+    limits = shard_set.member_limits()
+    if not shard_set.remote:
         for shard in shards:
             if not verify_local:
                 yield from iter_tar(shard, limits, on_error)
@@ -104,7 +106,8 @@ def read_shards(shards: list[Shard], limits: dict[str, int], on_error: Callable[
                 continue
             yield from iter_tar(shard, limits, on_error, data)
         return
-    for shard, data in remote.fetch_ahead(shards, lambda s: fetch_shard(s, cache, on_retry)):
+    retry = lambda what: warn(what, mine=True)
+    for shard, data in remote.fetch_ahead(shards, lambda s: fetch_shard(s, shard_set.cache, retry)):
         if isinstance(data, OSError):
             on_error(shard.shown, data)
         else:
@@ -167,98 +170,108 @@ class ShufflePool:
         return out
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loader reads: its rank among `world` ranks, with `workers` loader processes (0: in the
+    training process itself)."""
+
+    rank: int
+    world: int
+    workers: int
+
+
+class Stopped(NamedTuple):
+    """What a stream yields, instead of a batch, when it cannot go on: typed data crosses the loader
+    worker boundary, where an exception would arrive as the text of its traceback."""
+
+    reason: str
+
+
+class NoSamples(Exception):
+    pass
+
+
 class BatchStream(IterableDataset):
     """Yields (images, bad) forever: images (batch_size, 3, R, R) uint8 in channels_last memory, and the
-    count of unreadable blocks or shard errors met since the previous batch. See the module docstring
-    for the ordering."""
+    count of unreadable blocks or shard errors met since the previous batch; or one `Stopped`. See the
+    module docstring for the ordering."""
 
     MAX_WARNINGS = 5
 
-    def __init__(self, shard_set: ShardSet, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int, shuffle_buffer: int = 2000, start_step: int = 0, chunk: int = 1,
-                 cache: Optional[Path] = None):
+    def __init__(self, shard_set: ShardSet, cfg: Config, where: Placement, start_step: int, chunk: int):
         super().__init__()
-        self.cache, self.limits = cache, shard_set.member_limits()
-        self.shards, self.batch_size, self.resolution = list(shard_set.shards), batch_size, shard_set.resolution
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_roles = max(1, num_workers)
-        self.shuffle_buffer, self.start_step, self.chunk = shuffle_buffer, start_step, chunk
+        self.shard_set, self.where, self.start_step, self.chunk = shard_set, where, start_step, chunk
+        self.batch_size, self.seed, self.shuffle_buffer = cfg.data.batch_size, cfg.seed, cfg.data.shuffle_buffer
+        self.num_roles = max(1, where.workers)
         self.bad = self.warned = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         first_chunk = self.start_step // self.chunk
         role = (worker + first_chunk) % self.num_roles
-        stream_id = self.rank * self.num_roles + role
-        shards = stream_shards(self.shards, self.world_size * self.num_roles, stream_id)
-        rng = np.random.default_rng([self.seed, self.rank, role])
-        pool = ShufflePool(self._blocks(shards, rng), max(self.shuffle_buffer, self.batch_size), rng)
-        skip = max(0, -(-(first_chunk - role) // self.num_roles))  # ceil((first - role) / roles)
-        for _ in range(skip * self.chunk):
-            pool.draw(self.batch_size, keep=False)
-        if self.start_step:
-            self.bad = 0                  # what filling the pool and skipping met, the first run counted
-        while True:
-            draws = [pool.draw(self.batch_size) for _ in range(self.chunk)]
-            # NHWC storage seen as NCHW: the channels_last layout the models run in, with no copy.
-            images = torch.from_numpy(draws[0] if self.chunk == 1 else np.concatenate(draws)).permute(0, 3, 1, 2)
-            bad, self.bad = self.bad, 0
-            yield images, bad
+        rank = self.where.rank
+        shards = stream_shards(list(self.shard_set.shards), self.where.world * self.num_roles,
+                               rank * self.num_roles + role)
+        rng = np.random.default_rng([self.seed, rank, role])
+        try:
+            pool = ShufflePool(self._blocks(shards, rng), max(self.shuffle_buffer, self.batch_size), rng)
+            skip = max(0, -(-(first_chunk - role) // self.num_roles))  # ceil((first - role) / roles)
+            for _ in range(skip * self.chunk):
+                pool.draw(self.batch_size, keep=False)
+            if self.start_step:
+                self.bad = 0              # what filling the pool and skipping met, the first run counted
+            while True:
+                draws = [pool.draw(self.batch_size) for _ in range(self.chunk)]
+                # NHWC storage seen as NCHW: the channels_last layout the models run in, with no copy.
+                images = torch.from_numpy(draws[0] if self.chunk == 1 else np.concatenate(draws)).permute(0, 3, 1, 2)
+                bad, self.bad = self.bad, 0
+                yield images, bad
+        except NoSamples as exc:
+            yield Stopped(str(exc))
 
     def _problem(self, what: str) -> None:
         self.bad += 1
         self.warned += 1
         if self.warned <= self.MAX_WARNINGS:
             more = " (further warnings from this stream suppressed)" if self.warned == self.MAX_WARNINGS else ""
-            warn(f"{what}{more}")
+            warn(f"{what}{more}", mine=True)
 
     def _blocks(self, shards: list[Shard], rng: np.random.Generator) -> Iterator[np.ndarray]:
         """Infinite uint8 image blocks (n, R, R, 3); the shard order is reshuffled every pass."""
         on_error = lambda where, exc: self._problem(f"skipping unreadable data in shard {where}: {exc}")
-        on_retry = lambda what: warn(f"{what}")
         while True:
             read = 0
             order = [shards[i] for i in rng.permutation(len(shards))]
-            for sample in read_shards(order, self.limits, on_error, on_retry, self.cache):
+            for sample in read_shards(self.shard_set, order, on_error):
                 block = self._block(sample)
                 if block is not None and len(block):
                     read += len(block)
                     yield block
             if read == 0:                 # a whole pass gave nothing: never spin forever on bad shards
-                raise RunStopped(f"no readable samples in shards {', '.join(s.shown for s in shards)}")
+                raise NoSamples(f"no readable samples in shards {', '.join(s.shown for s in shards)}")
 
     def _block(self, sample: dict) -> Optional[np.ndarray]:
-        where = f"{sample['__key__']}.npy in shard {sample['__url__']}"
         if "npy" not in sample:           # a lone .json: a block whose images are missing
             self._problem(f"skipping block {sample['__key__']} in shard {sample['__url__']}: it has no .npy member")
             return None
         try:
-            return decode_block(sample["npy"], self.resolution)
+            return decode_block(sample["npy"], self.shard_set.resolution)
         except ShardError as exc:
-            self._problem(f"skipping unreadable block {where}: {exc}")
+            self._problem(f"skipping unreadable block {sample['__key__']}.npy in shard {sample['__url__']}: {exc}")
             return None
 
 
 CHUNK_IMAGES = 512                     # images per worker hand-over: 4 batches of 128, 6 MB at 64 px
 
 
-class Loader:
-    """Iterating gives `Batches`: (images, bad) one batch at a time, from a DataLoader of chunks."""
-
-    def __init__(self, loader: DataLoader, batch_size: int, drop_first: int):
-        self.loader, self.batch_size, self.drop_first = loader, batch_size, drop_first
-
-    def __iter__(self) -> "Batches":
-        return Batches(iter(self.loader), self.batch_size, self.drop_first)
-
-
 class Batches:
-    """Splits each chunk into batches (views: a pinned chunk gives pinned batches) and drops the first
-    `drop_first`, which a resume in mid-chunk has trained on already."""
+    """Iterating a loader: (images, bad) one batch at a time. Each chunk a worker hands over is split into
+    batches (views: a pinned chunk gives pinned batches), and the first `drop` are dropped, which a resume
+    in mid-chunk has trained on already."""
 
-    def __init__(self, chunks: Iterator, batch_size: int, drop_first: int):
-        self.chunks, self.batch_size, self.drop = chunks, batch_size, drop_first
+    def __init__(self, loader: DataLoader, batch_size: int, drop: int):
+        self.chunks, self.batch_size, self.drop = iter(loader), batch_size, drop
         self.pending: list[tuple[torch.Tensor, int]] = []
 
     def __iter__(self) -> "Batches":
@@ -266,26 +279,41 @@ class Batches:
 
     def __next__(self) -> tuple[torch.Tensor, int]:
         while not self.pending:
-            images, bad = next(self.chunks)
+            item = next(self.chunks)
+            if isinstance(item, Stopped):
+                raise RunStopped(item.reason)
+            images, bad = item
             parts = images.split(self.batch_size)
             self.pending = [(part, bad if i == 0 else 0) for i, part in enumerate(parts)][self.drop:]
             self.drop = 0
         return self.pending.pop(0)
 
+    def close(self) -> None:
+        """Stop the worker processes now, even while an exception still references this iterator; left to
+        garbage collection, interpreter exit can wait forever on a worker nobody has told to stop."""
+        shutdown = getattr(self.chunks, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        # A worker still alive here is stuck (say, flushing batches into a queue nobody reads after a peer
+        # died). DataLoader's fallback is SIGTERM, which our workers ignore (see _ignore_stop_signals), and
+        # interpreter exit would then wait on it forever: kill it.
+        for worker in getattr(self.chunks, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
 
-def make_loader(shard_set: ShardSet, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                shuffle_buffer: int, start_step: int = 0, pin_memory: bool = False,
-                cache: Optional[Path] = None) -> Loader:
-    chunk = max(1, CHUNK_IMAGES // batch_size) if num_workers else 1
-    ds = BatchStream(shard_set, batch_size, seed, rank, world_size, num_workers, shuffle_buffer, start_step,
-                     chunk, cache)
+
+def batches(shard_set: ShardSet, cfg: Config, where: Placement, start_step: int = 0) -> Batches:
+    """This rank's infinite stream of (images, bad), starting at step `start_step`."""
+    chunk = max(1, CHUNK_IMAGES // cfg.data.batch_size) if where.workers else 1
     # Its own generator: creating the iterator draws a base seed, which must not come from (and shift)
     # the global torch RNG that the training noise uses, or a resumed run would draw different noise.
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                        prefetch_factor=max(2, 4 // chunk) if num_workers else None, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(seed + 1000 * rank),
+    loader = DataLoader(BatchStream(shard_set, cfg, where, start_step, chunk), batch_size=None,
+                        num_workers=where.workers, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=max(2, 4 // chunk) if where.workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(cfg.seed + 1000 * where.rank),
                         worker_init_fn=_ignore_stop_signals)
-    return Loader(loader, batch_size, start_step % chunk)
+    return Batches(loader, cfg.data.batch_size, start_step % chunk)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -296,52 +324,26 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def next_batch(batches: Iterator) -> tuple[torch.Tensor, int]:
-    """next() that turns a RunStopped raised inside a loader worker back into a one-line RunStopped."""
-    try:
-        return next(batches)
-    except RunStopped as exc:
-        message = str(exc).strip().splitlines()[-1]
-        raise RunStopped(message.split("RunStopped: ", 1)[-1]) from None
-
-
-def stop_loader(batches: Iterator) -> None:
-    """Stop a loader iterator's worker processes now, even while an exception still references it;
-    left to garbage collection, interpreter exit can wait forever on a worker nobody has told to stop."""
-    batches = getattr(batches, "chunks", batches)
-    shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-    # A worker still alive here is stuck (say, flushing batches into a queue nobody reads after a peer
-    # died). DataLoader's fallback is SIGTERM, which our workers ignore (see _ignore_stop_signals), and
-    # interpreter exit would then wait on it forever: kill it.
-    for worker in getattr(batches, "_workers", []):
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=10)
-
-
-def ordered_blocks(shard_set: ShardSet, cache: Optional[Path] = None) -> Iterator[tuple[np.ndarray, dict]]:
+def ordered_blocks(shard_set: ShardSet) -> Iterator[tuple[np.ndarray, dict]]:
     """Every image block of the set in shard order, with its tar sample (its .json records), for readers
     that need the same images every time: evaluation and the attribute classifier. What cannot be
     read is skipped with a warning."""
     def skip(where: str, exc: Exception) -> None:
         warn(f"skipping unreadable data in shard {where}: {exc}")
 
-    for sample in read_shards(list(shard_set.shards), shard_set.member_limits(), skip, cache=cache, verify_local=True):
+    for sample in read_shards(shard_set, list(shard_set.shards), skip, verify_local=True):
         try:
             yield decode_block(sample["npy"], shard_set.resolution), sample
         except (KeyError, ShardError) as exc:
             skip(sample["__url__"], exc)
 
 
-def image_batches(shard_set: ShardSet, count: int, batch: int,
-                  cache: Optional[Path] = None) -> Iterator[tuple[int, torch.Tensor]]:
+def image_batches(shard_set: ShardSet, count: int, batch: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(j, uint8 (n, 3, R, R) images j*batch .. (j+1)*batch) over the set's first `count` readable
     images in shard order: the same batches every time, for readers that split them over ranks."""
     r = shard_set.resolution
     pending, have, j = np.empty((0, r, r, 3), np.uint8), 0, 0
-    for block, _ in ordered_blocks(shard_set, cache) if count > 0 else ():
+    for block, _ in ordered_blocks(shard_set) if count > 0 else ():
         block = block[: count - have]
         have += len(block)
         pending = np.concatenate([pending, block])
@@ -352,13 +354,3 @@ def image_batches(shard_set: ShardSet, count: int, batch: int,
             return
     if len(pending):
         yield j, torch.from_numpy(pending).permute(0, 3, 1, 2).contiguous()
-
-
-def first_images(shard_set: ShardSet, count: int, cache: Optional[Path] = None) -> torch.Tensor:
-    """The first `count` images of the shard set in shard order, uint8 (count, 3, R, R): a fixed real
-    set for evaluation, the same on every rank and in every run."""
-    got = [images for _, images in image_batches(shard_set, count, count, cache)]
-    have = sum(len(x) for x in got)
-    if have < count:
-        raise RunStopped(f"only {have} readable images in the shards, fewer than eval.num_images={count}")
-    return got[0]

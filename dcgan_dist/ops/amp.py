@@ -6,6 +6,7 @@ place. Read in torch 2.13 and 2.14:
 - Fused Adam reads `found_inf` and `grad_scale` attributes set on the optimizer and skips the update
   on the device when found_inf is non-zero: GradScaler.step uses that protocol itself.
 - `torch._amp_foreach_non_finite_check_and_unscale_` is GradScaler's own non-finite check.
+- `torch.ops.mkldnn._is_mkldnn_bf16_supported` says whether this CPU runs bf16 natively.
 
 `check()` fails at start, naming the missing piece, on a torch that changed them.
 """
@@ -27,6 +28,14 @@ def check() -> None:
         version = torch.__version__.split("+")[0]
         raise RuntimeError(f"torch {version} lacks {', '.join(missing)}, which the training step relies on "
                            f"(tested with torch {', '.join('%d.%d' % v for v in TESTED)})")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 runs natively here: CUDA with bf16, or a CPU with avx512_bf16 or AMX (2x to 2.5x fp32 there,
+    docs/PERFORMANCE.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def scale_of(scaler: torch.amp.GradScaler) -> torch.Tensor:

@@ -12,8 +12,10 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcgan_dist.models import build_models
-from dcgan_dist.train.step import Nets, StepRunner, Totals, TrainStep, on_stream
+from dcgan_dist.config import load_config
+from dcgan_dist.nets.ema import EMA
+from dcgan_dist.nets.models import build_models
+from dcgan_dist.train.step import Nets, TrainStep, on_stream
 
 STEPS, BATCH, WARMUP = 20, 32, 11
 
@@ -32,18 +34,15 @@ def trace(graph: bool, batches: list[torch.Tensor]) -> tuple[list[dict], int, bo
         G_ddp = DDP(G, device_ids=[0], broadcast_buffers=False, gradient_as_bucket_view=True)
         D_ddp = DDP(D, device_ids=[0], broadcast_buffers=False, gradient_as_bucket_view=True)
     opts = [torch.optim.Adam(m.parameters(), 2e-4, betas=(0.5, 0.999), fused=True, capturable=graph) for m in (G, D)]
-    nets = Nets(G=G_ddp, D=D_ddp, G_local=G, D_local=D, opt_g=opts[0], opt_d=opts[1])
-    totals = Totals(torch.device("cuda"), 0)
-    step = TrainStep(nets, totals, lambda: torch.autocast("cuda", torch.bfloat16, cache_enabled=False), None,
-                     False, 20)
-    runner = StepRunner(step, (BATCH, 3, 64, 64), 100, torch.device("cuda"), True, graph=graph,
-                        warmup_steps=WARMUP, stream=stream)
+    nets = Nets(G=G_ddp, D=D_ddp, G_local=G, D_local=D, opt_g=opts[0], opt_d=opts[1], ema=EMA(G, 10, 0.05, BATCH))
+    cfg = load_config(None, ["model.ngf=32", "model.ndf=32", f"data.batch_size={BATCH}"])
+    step = TrainStep(nets, cfg, lambda: torch.autocast("cuda", torch.bfloat16, cache_enabled=False), None, stream)
+    assert step.warmup_steps == WARMUP
     rows, replays = [], 0
     for i, batch in enumerate(batches):
-        replays += runner.graph is not None
-        runner(batch, i)
-        values = totals.stats.tolist()
-        totals.stats.zero_()
+        replays += step.graph is not None
+        step(batch, i, (i + 1) * BATCH)
+        values = step.drain()[0].tolist()
         rows.append({"step": i + 1, **dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), values))})
     return rows, replays, isinstance(nets.D, DDP)
 

@@ -9,21 +9,23 @@ import torch
 
 from dcgan_dist.config import load_config
 from dcgan_dist.errors import RunStopped
-from dcgan_dist.models import build_models
-from dcgan_dist.train import dist
+from dcgan_dist.nets.models import build_models
+from dcgan_dist.dist.collectives import check_replicas
+from dcgan_dist.dist.lifecycle import shutdown
+from dcgan_dist.dist.setup import build_accelerator
 
 cfg = load_config(None, ["wandb.mode=disabled", f"run_dir={sys.argv[1]}"])
-acc = dist.build_accelerator(cfg)
+acc = build_accelerator(cfg)
 torch.manual_seed(0)
 G, D = build_models(nz=8, ngf=4, ndf=4, resolution=32)
 if acc.process_index == 1:
     with torch.no_grad():
         D.main[2].weight[0, 0, 0, 0] += 1e-3
 try:
-    dist.check_replicas(acc, {"G": G, "D": D})
+    check_replicas(acc, {"G": G, "D": D})
     code = 1
 except RunStopped as exc:
     print(f"rank {acc.process_index}: {exc}", flush=True)
     code = 0 if "'D.main.2.weight'" in str(exc) else 1
-dist.shutdown(acc, [])
+shutdown(acc)
 sys.exit(code)

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from dcgan_dist.errors import UserError
 from dcgan_dist.fsutil import atomic_write_bytes
-from dcgan_dist.layout import RunLayout
-from dcgan_dist.metrics import to_uint8
-from dcgan_dist.report import grid_u8
-from dcgan_dist.sample import native_bf16, sample
-from dcgan_dist.snapshot import FILENAME, load_snapshot
+from dcgan_dist.nets.metrics import to_uint8
+from dcgan_dist.nets.models import sample
+from dcgan_dist.ops.amp import native_bf16
+from dcgan_dist.report.plots import grid_u8
+from dcgan_dist.run.layout import RunLayout
+from dcgan_dist.run.snapshot import FILENAME, load_snapshot
 
 REFERENCE_SEED = 2**31 - 1
 
@@ -55,7 +56,7 @@ WANDB_REF = re.compile(r"^wandb:(?:[\w.-]+/)?[\w.-]+/[\w.-]+:[\w.-]+$")
 def download_artifact(ref: str) -> Path:
     """The folder a model artifact (as the trainer logs it: generator-RUNID, aliases best and latest)
     is downloaded to: WANDB_ARTIFACT_DIR (default ./artifacts)/NAME:ALIAS, as wandb lays it out."""
-    from dcgan_dist.track import has_wandb_credentials, server_unreachable
+    from dcgan_dist.report.track import has_wandb_credentials, server_unreachable
 
     if not WANDB_REF.match(ref):
         raise UserError(f"--checkpoint '{ref}': expected wandb:[ENTITY/]PROJECT/NAME:ALIAS, e.g. "
@@ -160,7 +161,7 @@ def arithmetic(render: Renderer, nz: int, expression: str, classifier, seed: int
     pool that the attribute classifier scores highest; their latents are averaged, and the averages are
     added and subtracted as the expression says. Writes a figure of exemplars, averages and the result
     (with three neighbours, z + 0.25 noise, as the paper shows), and returns the classifier's view."""
-    from dcgan_dist.attributes import concept_scores, parse_expression
+    from dcgan_dist.eval.attributes import concept_scores, parse_expression
 
     terms = parse_expression(expression)
     z_pool = latents(pool, nz, seed)
@@ -199,7 +200,7 @@ def _at(images_u8: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _arithmetic_figure(rows, result: torch.Tensor, expression: str, output: Path) -> None:
-    from dcgan_dist.report import pyplot
+    from dcgan_dist.report.plots import pyplot
 
     plt = pyplot()
     cols = max(len(r[2]) for r in rows) + 2
@@ -240,7 +241,7 @@ def pick_device(name: Optional[str]) -> torch.device:
 
 
 def classifier_from(args, meta: dict):
-    from dcgan_dist.attributes import classifier_for, load_classifier
+    from dcgan_dist.eval.attributes import classifier_for, load_classifier
 
     if args.attributes:
         if not Path(args.attributes).is_file():
@@ -263,7 +264,7 @@ def run(args) -> str:
     render = Renderer(G, device, args.batch, progress=True)
     output = Path(args.output)
     if args.arithmetic is not None:
-        from dcgan_dist.attributes import parse_expression
+        from dcgan_dist.eval.attributes import parse_expression
 
         parse_expression(args.arithmetic)                    # a malformed expression fails before any work
         view = arithmetic(render, meta["nz"], args.arithmetic, classifier_from(args, meta), args.seed, output)

@@ -1,6 +1,6 @@
 """Run `accelerate launch ...` so that a stop by signal is a clean, resumable exit with a known code.
 
-    python -m dcgan_dist.supervise -- accelerate launch ... launch/train.py ARGS
+    python -m dcgan_dist.dist.supervise -- accelerate launch ... launch/train.py ARGS
 
 docker/entrypoint.sh runs every training job through this, in the images, under Slurm and on
 Kubernetes. Without it, a SIGTERM reaches torchrun (the launcher inside `accelerate launch`), which
@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from dcgan_dist.errors import EXIT_REPORT_ENV, PeerLost
+from dcgan_dist.errors import EXIT_REPORT_ENV, PeerLost, UserError, main_guard
 from dcgan_dist.host import children
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
@@ -124,7 +124,7 @@ def preempted_exit_code() -> Optional[int]:
     if not value:
         return None
     if not value.isdigit() or not 1 <= int(value) <= 255:
-        sys.exit(f"error: PREEMPTED_EXIT_CODE={value!r}: expected an exit code from 1 to 255, or unset")
+        raise UserError(f"PREEMPTED_EXIT_CODE={value!r}: expected an exit code from 1 to 255, or unset")
     return int(value)
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        sys.exit("usage: python -m dcgan_dist.supervise -- accelerate launch ... launch/train.py ARGS")
+        sys.exit("usage: python -m dcgan_dist.dist.supervise -- accelerate launch ... launch/train.py ARGS")
     preempted = preempted_exit_code()
     with tempfile.TemporaryDirectory(prefix="dcgan-exit-") as report_dir:
         supervisor = Supervisor(argv, Path(report_dir))
@@ -147,4 +147,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main_guard(main)(sys.argv[1:]))

@@ -82,6 +82,16 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@torch.no_grad()
+def sample(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """G(z) with batch statistics, as in training, leaving G's BatchNorm running stats untouched."""
+    saved = [b.clone() for b in G.buffers()]
+    out = G(z)
+    for b, s in zip(G.buffers(), saved):
+        b.copy_(s)
+    return out
+
+
 def build_models(nz: int, ngf: int, ndf: int, resolution: int) -> tuple[Generator, Discriminator]:
     G = Generator(nz=nz, ngf=ngf, resolution=resolution)
     D = Discriminator(ndf=ndf, resolution=resolution)

@@ -5,10 +5,10 @@
       run.json             facts about the run: world size, precision, global batch, workers, dataset size,
                            CPU layers with forward-form weight gradients
       wandb-run-id         the W&B run id, from the first start: every restart logs to that run
-      LOCK                 while a job runs: which host and process hold this run_dir (runlock.py)
+      LOCK                 while a job runs: which host and process hold this run_dir (run/lock.py)
       metrics.jsonl        one JSON row per log step (training) and per evaluation ("eval/..." keys)
-      checkpoints/step-XXXXXXXX/   full training state (checkpoint.py), and generator.safetensors, the
-                           EMA generator alone (snapshot.py); checkpoints/best/ likewise, by eval.best_by
+      checkpoints/step-XXXXXXXX/   full training state (run/checkpoint.py), and generator.safetensors,
+                           the EMA generator alone (run/snapshot.py); checkpoints/best/ likewise, by eval.best_by
       generator.safetensors   a copy of the best snapshot (of the latest while there is no best)
       samples/             reals.png, fakes-XXXXXXXX.png (EMA G), raw-XXXXXXXX.png (raw G), report pictures
       wandb/               the W&B run: offline-run-*/ (one per start, uploaded as one run by
@@ -17,10 +17,11 @@
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from dcgan_dist.errors import warn
 
 MARKER = "COMPLETE"                       # written last: a checkpoint folder without it is incomplete
 STATE_FILE = "trainer_state.json"
@@ -66,7 +67,7 @@ class RunLayout:
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
 
-    def complete_checkpoints(self, warn: bool = False) -> list[tuple[int, Path]]:
+    def complete_checkpoints(self, warn_incomplete: bool = False) -> list[tuple[int, Path]]:
         """(step, path) of every complete step checkpoint, oldest first; incomplete ones are skipped."""
         found = []
         for path in sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []:
@@ -74,8 +75,8 @@ class RunLayout:
             if not m:
                 continue
             if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
-                if warn:
-                    print(f"warning: skipping incomplete checkpoint {path}", file=sys.stderr)
+                if warn_incomplete:
+                    warn(f"skipping incomplete checkpoint {path}")
                 continue
             found.append((int(m.group(1)), path))
         return found

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import UserError, say
 from dcgan_dist.fsutil import atomic_write_text
-from dcgan_dist.layout import RunLayout, valid_run_id
-from dcgan_dist import wandb_file
+from dcgan_dist.run.layout import RunLayout, valid_run_id
+from dcgan_dist.report import wandb_file
 
 SYNCED = "synced.json"
 
@@ -154,7 +154,7 @@ def missing_steps(run_dir: Path, segments: list[Segment]) -> list[int]:
     """Training steps that metrics.jsonl has and no segment will upload: rows wandb still held in
     memory when a kill -9 came (it writes its run file every 2 s), before the checkpoint the next start
     resumed from."""
-    from dcgan_dist.report import read_rows
+    from dcgan_dist.report.plots import read_rows
 
     train, _ = read_rows(RunLayout.of(run_dir).metrics)
     logged = {row["step"] for row in train if "loss_d" in row and isinstance(row.get("step"), int)}
@@ -188,7 +188,7 @@ def describe(run_id: str, segments: list[Segment], notes: list[str], missing: li
 
 def sync(run_dir: Path, wandb_cli: Optional[str], dry_run: bool = False, include_synced: bool = False,
          project: Optional[str] = None, entity: Optional[str] = None) -> int:
-    from dcgan_dist.track import has_wandb_credentials
+    from dcgan_dist.report.track import has_wandb_credentials
 
     if not run_dir.is_dir():
         raise UserError(f"'{run_dir}': no such run folder")
@@ -212,8 +212,7 @@ def sync(run_dir: Path, wandb_cli: Optional[str], dry_run: bool = False, include
     print("running: " + " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:
-        print(f"error: wandb sync exited with {code}; nothing is marked as uploaded, so rerun to try again",
-              file=sys.stderr, flush=True)
+        say("error", f"wandb sync exited with {code}; nothing is marked as uploaded, so rerun to try again")
         return code
     done = _synced(wandb_dir, run_id) | {s.folder.name for s in segments}
     atomic_write_text(wandb_dir / SYNCED, json.dumps({"run_id": run_id, "segments": sorted(done)}, indent=1) + "\n")

@@ -3,7 +3,7 @@
 Written beside every full checkpoint (and the best one), so that using a trained model needs neither
 the trainer nor Accelerate nor the config file: plain torch + safetensors rebuild it.
 
-    from dcgan_dist.snapshot import load_snapshot
+    from dcgan_dist.run.snapshot import load_snapshot
     G, meta = load_snapshot("runs/demo/generator.safetensors")   # meta: resolution, nz, ngf, step, kimg, metrics
 
 The tensors are G's state dict; the metadata (strings, as safetensors requires) holds the model config,
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.errors import UserError
-from dcgan_dist.models import Generator
+from dcgan_dist.nets.models import Generator
 
 FORMAT = "dcgan-dist-generator/1"
 FILENAME = "generator.safetensors"

@@ -49,10 +49,3 @@ class EMA:
         torch._foreach_mul_(ema, self.beta)
         torch._foreach_add_(ema, torch._foreach_mul(src, self.one_minus_beta))
         torch._foreach_copy_(list(self.module.buffers()), list(G.buffers()))
-
-    # Accelerate's register_for_checkpointing saves and restores any object with these two.
-    def state_dict(self) -> dict:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state)

@@ -11,7 +11,6 @@ held-out accuracy and balanced accuracy per attribute.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES
 from dcgan_dist.data.shards import ShardSet
 from dcgan_dist.data.stream import ordered_blocks
-from dcgan_dist.errors import UserError
+from dcgan_dist.errors import UserError, note
 from dcgan_dist.fsutil import atomic_write_bytes
 
 FORMAT = "dcgan-dist-attributes/1"
@@ -142,7 +141,7 @@ def classifier_for(shards: Path, progress: bool = True) -> tuple[AttributeNet, d
         net, meta = load_classifier(path)
         if meta["manifest_digest"] == shard_set.digest:
             return net, meta
-        print(f"note: {path} was trained on another version of the shards; training it again", file=sys.stderr)
+        note(f"{path} was trained on another version of the shards; training it again")
     net, report = train_classifier(Path(shards), progress=progress)
     save_classifier(path, net, shard_set, report)
     return load_classifier(path)
@@ -190,7 +189,7 @@ def scorer_for(shard_set: ShardSet) -> Optional[AttributeNet]:
     saying why, when there is none to use (quietly for shards without attributes). Never trains one:
     on rank 0 mid-run that would hold every other rank."""
     def without(why: str) -> None:
-        print(f"dcgan-dist: no W&B samples table: {why}", file=sys.stderr, flush=True)
+        note(f"no W&B samples table: {why}")
 
     if not shard_set.manifest.get("attributes"):
         return None

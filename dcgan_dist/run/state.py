@@ -1,9 +1,6 @@
 """What a checkpoint knows about the run beyond the tensors: `trainer_state.json`, typed and versioned.
-
-Every field has one meaning and one unit. Older files are read through `migrate`, one explicit step
-per schema version, never through fallbacks spread over the code that uses them. Reading checks every
-field's type, since the file comes from a run folder that may have been edited or damaged.
-"""
+Every field has one meaning and one unit. Reading checks every field's type, since the file comes from a
+run folder that may have been edited or damaged. The Trainer owns the one instance of a run."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from dcgan_dist.layout import valid_run_id
+from dcgan_dist.run.layout import valid_run_id
 
 SCHEMA = 2
 
@@ -19,8 +16,8 @@ SCHEMA = 2
 @dataclass
 class TrainerState:
     step: int = 0                            # optimizer steps done (one D and one G update each)
-    images_seen: Optional[int] = 0           # real images, all ranks together; None = not known (old files)
-    global_batch: Optional[int] = None       # images per step when it was saved; None = not known
+    images_seen: int = 0                     # real images, all ranks together
+    global_batch: Optional[int] = None       # images per step when it was saved; None before the first save
     world_size: Optional[int] = None
     mixed_precision: Optional[str] = None
     wandb_run_id: Optional[str] = None
@@ -33,23 +30,24 @@ class TrainerState:
     schema: int = SCHEMA
 
     @property
-    def kimg(self) -> Optional[float]:
-        return None if self.images_seen is None else self.images_seen / 1000
+    def kimg(self) -> float:
+        return self.images_seen / 1000
 
     def to_json(self) -> str:
-        # kimg is derived, but written too: people and older readers look for it.
+        # kimg is derived, but written too: people look for it.
         return json.dumps({**dataclasses.asdict(self), "kimg": self.kimg}, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainerState":
-        """The state in `text`, migrated to this schema. ValueError, saying what is wrong, otherwise."""
+        """The state in `text`; a ValueError saying what is wrong otherwise."""
         try:
             raw = json.loads(text)
         except ValueError:
             raise ValueError("not JSON") from None
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
-        raw = migrate(raw)
+        if raw.get("schema") != SCHEMA:
+            raise ValueError(f"schema {raw.get('schema')!r}, which this version does not read (it reads {SCHEMA})")
         known = {f.name for f in dataclasses.fields(cls)}
         state = cls(**{k: v for k, v in raw.items() if k in known})
         state.check()
@@ -61,8 +59,6 @@ class TrainerState:
 
         for name in ("step", "images_seen", "skipped_d", "skipped_g", "data_errors"):
             value = getattr(self, name)
-            if name == "images_seen" and value is None:
-                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(f"'{name}' is not a count ({value!r})")
         for name in ("global_batch", "world_size"):
@@ -81,31 +77,3 @@ class TrainerState:
         if self.mixed_precision is not None and not isinstance(self.mixed_precision, str):
             fail("'mixed_precision' is not a name")
 
-
-def migrate(raw: dict) -> dict:
-    """Bring a decoded trainer_state.json up to SCHEMA, one version at a time."""
-    version = raw.get("schema", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA:
-        raise ValueError(f"schema {version!r}, which this version does not know (it reads 1 to {SCHEMA})")
-    if version == 1:
-        raw = _from_1(raw)
-    return raw
-
-
-def _from_1(raw: dict) -> dict:
-    """Schema 1 (no "schema" key) had no images_seen in its first form, and at first no global_batch
-    either: only kimg, rounded. Both are recovered from what the file has, where it has enough."""
-    out = dict(raw)
-    step, kimg = raw.get("step"), raw.get("kimg")
-    known_kimg = isinstance(kimg, (int, float)) and not isinstance(kimg, bool)
-    if out.get("global_batch") is None and known_kimg and isinstance(step, int) and step > 0:
-        out["global_batch"] = round(kimg * 1000 / step) or None
-    if "images_seen" not in out:
-        if known_kimg:
-            out["images_seen"] = round(kimg * 1000)
-        elif isinstance(step, int) and isinstance(out.get("global_batch"), int):
-            out["images_seen"] = step * out["global_batch"]
-        else:
-            out["images_seen"] = None         # the resuming run counts it at its own global batch
-    out["schema"] = 2
-    return out

@@ -1,9 +1,9 @@
-"""Building the Accelerator: devices, precision, CPU threads, loader workers, DDP and its options, CUDA graphs."""
-
+"""The one place that builds an Accelerator: devices, precision, CPU threads, loader workers, DDP and its
+options, CUDA graphs. Everything else asks the Accelerator it gets for rank and device; models, losses
+and metrics never see it."""
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from datetime import timedelta
 from typing import Optional
@@ -13,8 +13,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.errors import note, warn
 from dcgan_dist.host import usable_cores
-from dcgan_dist.sample import native_bf16
+from dcgan_dist.ops.amp import native_bf16
+
+# D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks autograd on
+# CUDA (pytorch#175024), so each rank keeps its own BN running stats. Bucket views: the grads live in DDP's
+# buckets, which saves a copy of them each step.
+DDP_OPTIONS = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def fast_precision() -> str:
@@ -46,11 +52,6 @@ def resolve_mixed_precision(config_value: Optional[str], launcher_value: Optiona
         raise ConfigError(f"config key 'train.mixed_precision': is {config_value!r} but accelerate launch "
                           f"says {launcher_value!r}; drop the key or make them agree")
     return launcher_value
-
-
-# torch deprecates broadcast_buffers for forward_sync_buffers, whose False still syncs at init; we want
-# exactly broadcast_buffers=False semantics, so keep it and keep the log clean.
-warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
 
 
 def ranks_on_node() -> int:
@@ -86,62 +87,49 @@ def _tune_kernels(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-# D runs twice (real, fake) before one backward; broadcasting BN buffers in between breaks autograd on
-# CUDA (pytorch#175024), so each rank keeps its own BN running stats. Bucket views: the grads live in DDP's
-# buckets, which saves a copy of them each step.
-DDP_OPTIONS = dict(broadcast_buffers=False, gradient_as_bucket_view=True)
-
-
-def build_accelerator(cfg: Config) -> Accelerator:
-    precision = resolve_mixed_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
-    _tune_kernels(cfg.train.deterministic)
+def _accelerator(threads: Optional[int], timeout_s: float, **kwargs) -> Accelerator:
+    """An Accelerator whose world size is the launcher's, and CPU ranks with their share of the cores."""
     backend = process_group_backend()
-    accelerator = Accelerator(
-        # Without cpu=True a multi-machine CPU job silently becomes N standalone processes.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=precision,
-        log_with="wandb" if cfg.wandb.mode != "disabled" else None,
-        project_dir=cfg.run_dir,
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(**DDP_OPTIONS),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s),
-                                   **({"backend": backend} if backend else {})),
-        ],
-    )
-    _check_world(accelerator, cfg.train.cpu_threads_per_rank)
-    fast = fast_precision()
-    if precision == "no" and fast != "no" and accelerator.is_main_process:
-        # `accelerate launch` passes "no" when not told, so say what is left on the table.
-        print(f"note: training in fp32; this hardware runs {fast} natively, about 2x faster: "
-              f"add --mixed_precision {fast} (configs/accelerate/*.yaml do)", file=sys.stderr)
-    if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.is_main_process:
-        print("warning: fp16 on CPU runs in fp32 without a GradScaler; use --mixed_precision bf16",
-              file=sys.stderr)
-    if backend == "gloo" and accelerator.is_main_process:
-        print(f"note: {ranks_on_node()} ranks share {torch.cuda.device_count()} GPU(s); NCCL needs a GPU per "
-              "rank, so this run reduces over gloo (slow: for tests, not for training)", file=sys.stderr)
-    return accelerator
-
-
-def _check_world(accelerator: Accelerator, cpu_threads_per_rank: Optional[int]) -> None:
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), **({"backend": backend} if backend else {}))
+    # Without cpu=True a multi-machine CPU job silently becomes N standalone processes.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[group, *kwargs.pop("handlers", [])],
+                              **kwargs)
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cpu_threads_per_rank))
+        torch.set_num_threads(cpu_threads(threads))
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise RuntimeError(f"accelerate formed {accelerator.num_processes} process(es) but WORLD_SIZE={expected}; "
                            "on CPU, launch with --multi_gpu --num_processes N (see README)")
-
-
-def build_eval_accelerator(cpu_threads_per_rank: Optional[int] = None,
-                           collective_timeout_s: float = 1800) -> Accelerator:
-    """For scoring a generator outside training: no DDP, no tracker, no mixed precision (the protocol is
-    fp32, as StyleGAN2-ADA's metrics are), the same world-size check and CPU threads as training."""
-    backend = process_group_backend()
-    group = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s),
-                                   **({"backend": backend} if backend else {}))
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[group])
-    _check_world(accelerator, cpu_threads_per_rank)
+    if backend == "gloo":
+        note(f"{ranks_on_node()} ranks share {torch.cuda.device_count()} GPU(s); NCCL needs a GPU per rank, so "
+             "this run reduces over gloo (slow: for tests, not for training)")
     return accelerator
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """For training: the precision the launcher or the config asks for, DDP as the step needs it."""
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    _tune_kernels(cfg.train.deterministic)
+    # torch deprecates broadcast_buffers for forward_sync_buffers, whose False still syncs at init; we
+    # want exactly broadcast_buffers=False.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+    accelerator = _accelerator(cfg.train.cpu_threads_per_rank, cfg.train.collective_timeout_s,
+                               mixed_precision=precision, project_dir=cfg.run_dir,
+                               handlers=[DistributedDataParallelKwargs(**DDP_OPTIONS)])
+    fast = fast_precision()
+    if precision == "no" and fast != "no":
+        # `accelerate launch` passes "no" when not told, so say what is left on the table.
+        note(f"training in fp32; this hardware runs {fast} natively, about 2x faster: add --mixed_precision "
+             f"{fast} (configs/accelerate/*.yaml do)")
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        warn("fp16 on CPU runs in fp32 without a GradScaler; use --mixed_precision bf16")
+    return accelerator
+
+
+def build_eval_accelerator(cpu_threads_per_rank: Optional[int] = None) -> Accelerator:
+    """For scoring a generator outside training: no DDP, no mixed precision (the protocol is fp32, as
+    StyleGAN2-ADA's metrics are), a generous collective timeout for slow shard reads."""
+    return _accelerator(cpu_threads_per_rank, 1800)
 
 
 def ranks_share_gpus(accelerator: Accelerator) -> bool:
@@ -153,7 +141,7 @@ def ranks_share_gpus(accelerator: Accelerator) -> bool:
 def prepare(accelerator: Accelerator, models: list, optimizers: list) -> tuple[list, list]:
     """`accelerator.prepare`, except where ranks share a GPU: Accelerate gives rank r `device_ids=[r]`,
     a device that does not exist there, so DDP is wrapped around the rank's real device here instead,
-    with the same options. Accelerate still places, registers and checkpoints everything."""
+    with the same options."""
     if not ranks_share_gpus(accelerator):
         out = accelerator.prepare(*models, *optimizers)
         return list(out[:len(models)]), list(out[len(models):])
@@ -193,12 +181,6 @@ def use_cuda_graph(config_value: Optional[bool], accelerator: Accelerator) -> bo
     if config_value and problem:
         raise ConfigError(f"config key 'train.cuda_graph' is true but {problem}; set it to false or null")
     return config_value
-
-
-def graph_stream(accelerator: Accelerator, graph: bool) -> Optional["torch.cuda.Stream"]:
-    """The side stream that DDP is built on, the warm-up runs on and the graph is captured on: DDP's
-    autograd hooks must belong to the capture stream (CUDA semantics docs, 'DDP and CUDA graphs')."""
-    return torch.cuda.Stream(accelerator.device) if graph else None
 
 
 def describe(accelerator: Accelerator, batch_per_rank: int, graph: bool = False) -> str:

@@ -1,5 +1,4 @@
 """A job's life on each rank: signals and the stop flag, lost peers, the launcher's death, shutdown."""
-
 from __future__ import annotations
 
 import gc
@@ -11,16 +10,13 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from dcgan_dist.errors import PeerLost
-from dcgan_dist.train.dist import collectives
-from dcgan_dist.train.dist.collectives import barrier
+from dcgan_dist.dist.collectives import barrier, forget_startup_group
+from dcgan_dist.errors import PeerLost, note
 
 
 # What gloo and NCCL say when the process at the other end of a collective is gone, or never answered.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
               "remote process exited", "Socket Timeout")
-
-
 _TIMED_OUT = ("Timed out waiting", "timed out", "Watchdog caught collective operation timeout", "wait timeout")
 
 
@@ -39,37 +35,23 @@ def peer_lost(accelerator: Accelerator, exc: BaseException, timeout_s: Optional[
                     "process or machine died or hangs; rerun the same command on every machine to resume")
 
 
-def shutdown(accelerator: Accelerator, owners: list, clean: bool = True) -> None:
-    """Free everything DDP-wrapped before the process group goes: a gloo job whose wrapped models are
-    still alive at exit aborts in about 4 runs of 10 ("terminate called without an active exception").
+def shutdown(accelerator: Accelerator, clean: bool = True) -> None:
+    """Take the process group down, after the caller dropped every reference to DDP's wrappers: a gloo
+    job whose wrapped models are still alive at exit aborts in about 4 runs of 10 ("terminate called
+    without an active exception").
 
     After an error (`clean=False`) skip the barrier and leave the process group alone: the other ranks
     may be stuck in a collective, or stopped, and destroying a group with a peer that does not answer
     blocks for ever (seen with gloo and a SIGSTOPped peer). Exiting at once lets torchrun notice and
     stop them.
     """
-    for owner in owners:
-        owner.clear()
     gc.collect()
     if clean:
         barrier(accelerator)
-    _finish_trackers(accelerator)
     accelerator.free_memory()
     if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
-        collectives.forget_startup_group()
+        forget_startup_group()
         torch.distributed.destroy_process_group()
-
-
-def _finish_trackers(accelerator: Accelerator) -> None:
-    """W&B's finish must not fail the run: under Slurm a `scancel --signal=TERM` reaches every process of
-    the job, W&B's own service too, and finish() then raises ConnectionResetError on a finished run."""
-    for tracker in accelerator.trackers:
-        try:
-            tracker.finish()
-        except Exception as exc:  # noqa: BLE001
-            print(f"warning: W&B finish failed ({type(exc).__name__}: {exc}); the run's files are kept "
-                  "in run_dir/wandb", file=sys.stderr, flush=True)
-    accelerator.trackers = []
 
 
 def _sigterm_when_launcher_dies() -> None:
@@ -111,8 +93,7 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.requested = signum
-        print(f"\n[rank {os.environ.get('RANK', '0')}] got {signal.Signals(signum).name}: "
-              "stopping at the next step boundary with a checkpoint", file=sys.stderr, flush=True)
+        note(f"got {signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint", mine=True)
 
     def poll(self) -> bool:
         """Call once per step on every rank. True means: all ranks stop now."""

@@ -1,5 +1,4 @@
-"""Collectives over all ranks: gathers, broadcasts, barriers, the startup group, replica digests."""
-
+"""Collectives over all ranks: reductions, gathers, broadcasts, barriers, the startup group, replica digests."""
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +8,23 @@ import torch
 from accelerate import Accelerator
 
 from dcgan_dist.config import ConfigError
+from dcgan_dist.dist.setup import ranks_share_gpus
 from dcgan_dist.errors import PeerLost, RunStopped, UserError
-from dcgan_dist.train.dist.setup import ranks_share_gpus
+
+# Startup work varies with what the ranks read (a lock to wait out, a set to verify, checkpoints on slow
+# storage), so its collectives wait this long for a slow peer, not `train.collective_timeout_s`, which
+# is sized for training steps. A peer that died is still noticed at once: its connection closes.
+STARTUP_TIMEOUT_S = 1800
+_OPS = {"sum": "SUM", "mean": "SUM", "min": "MIN", "max": "MAX"}
+
+
+def reduce(accelerator: Accelerator, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The elementwise sum, mean, min or max of `value` over all ranks, on every rank: the one route for
+    reductions. A collective; reading the result on the host is a sync."""
+    value = value.clone()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(value, getattr(torch.distributed.ReduceOp, _OPS[op]))
+    return value / accelerator.num_processes if op == "mean" else value
 
 
 def barrier(accelerator: Accelerator) -> None:
@@ -32,11 +46,9 @@ def parameter_digests(models: dict[str, torch.nn.Module]) -> dict[str, str]:
 
 
 def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module]) -> dict:
-    """Compare every parameter across ranks (all ranks get the result, so all raise together).
-
-    Returns {"ranks": N, "digest": {rank: combined digest}} for the checkpoint. DDP keeps replicas equal
-    by construction; a mismatch means a bug or a corrupted rank, and training on would be wasted.
-    """
+    """Compare every parameter across ranks (all ranks get the result, so all raise together). Returns
+    {"ranks": N, "digest": {rank: combined digest}} for the checkpoint. DDP keeps replicas equal by
+    construction; a mismatch means a bug or a corrupted rank, and training on would be wasted."""
     mine = parameter_digests(models)
     everyone = gather_all(accelerator, mine)
     for name, digest in mine.items():
@@ -48,18 +60,12 @@ def check_replicas(accelerator: Accelerator, models: dict[str, torch.nn.Module])
     return {"ranks": len(everyone), "digest": {str(r): d for r, d in enumerate(combined)}}
 
 
-# Startup work varies with what the ranks read (a lock to wait out, a set to verify, checkpoints on slow
-# storage), so its collectives wait this long for a slow peer, not `train.collective_timeout_s`, which
-# is sized for training steps. A peer that died is still noticed at once: its connection closes.
-STARTUP_TIMEOUT_S = 1800
-
-
 _startup_group = None
 
 
 def startup_group(accelerator: Accelerator):
     """The gloo group for startup collectives (STARTUP_TIMEOUT_S); None with one process. Created on
-    first use, which every rank reaches in the same order."""
+    first use, which every rank reaches in the same order; dropped by `forget_startup_group`."""
     global _startup_group
     if accelerator.num_processes == 1:
         return None
@@ -99,26 +105,19 @@ def broadcast_from_main(accelerator: Accelerator, obj, startup: bool = True):
     return box[0]
 
 
-def on_main(accelerator: Accelerator, fn, startup: bool = True) -> None:
-    """Collective, over the startup group: global rank 0 runs `fn`; if it raises a UserError, every rank
-    raises the same one (same class, same line), so the whole job stops together with rank 0's message
-    instead of the others hanging in their next collective. During training pass startup=False: the
-    startup group waits 30 minutes for a peer, which a peer that stopped answering mid-run must not get."""
-    failure = None
+def on_main(accelerator: Accelerator, fn, startup: bool = True):
+    """Collective: global rank 0 runs `fn` and every rank gets what it returned. If it raises a UserError,
+    every rank raises the same one (same class, same line), so the whole job stops together with rank 0's
+    message instead of the others hanging in their next collective. During training pass startup=False:
+    the startup group waits 30 minutes for a peer, which a peer that stopped answering mid-run must not get."""
+    result = failure = None
     if accelerator.is_main_process and fn is not None:
         try:
-            fn()
+            result = fn()
         except UserError as exc:
             failure = (type(exc).__name__, str(exc))
-    failure = broadcast_from_main(accelerator, failure, startup)
+    result, failure = broadcast_from_main(accelerator, (result, failure), startup)
     if failure is not None:
         kinds = {cls.__name__: cls for cls in (UserError, RunStopped, PeerLost, ConfigError)}
         raise kinds.get(failure[0], UserError)(failure[1])
-
-
-def all_min(accelerator: Accelerator, value: torch.Tensor) -> list[int]:
-    """The elementwise minimum of an integer tensor over all ranks, as Python ints (a sync)."""
-    value = value.clone()
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MIN)
-    return [int(v) for v in value.flatten().tolist()]
+    return result

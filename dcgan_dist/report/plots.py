@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from dcgan_dist.layout import RunLayout
-from dcgan_dist.metrics import to_uint8
+from dcgan_dist.errors import warn
+from dcgan_dist.nets.metrics import REGISTRY, to_uint8
+from dcgan_dist.run.layout import RunLayout
 
 TRAIN_PANELS = (("loss", ("loss_d", "loss_g"), "loss (gan.loss; log scale)", True),
                 ("D output", ("d_real", "d_fake"), "mean D output (sigmoid for bce, raw otherwise)", False))
@@ -92,8 +92,6 @@ def loss_curves(metrics_path: Path, out: Path) -> bool:
 
 def _eval_series(evals: list[dict], axis: str) -> list[tuple[str, str]]:
     """(key, label) of the registry's series on plot axis `axis` that every evaluation row has."""
-    from dcgan_dist.metrics import REGISTRY
-
     out = []
     for metric in REGISTRY.values():
         keys = [metric.name] if metric.headline else list(metric.keys)
@@ -175,5 +173,5 @@ def write_report(run_dir: Path) -> dict[str, Path]:
                 os.replace(tmp, out)
                 written[name] = out
         except Exception as exc:  # noqa: BLE001 - pictures are a courtesy; the run itself is done
-            print(f"warning: could not draw {out.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            warn(f"could not draw {out.name}: {type(exc).__name__}: {exc}")
     return written

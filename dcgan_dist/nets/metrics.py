@@ -1,5 +1,5 @@
 """Image-quality metrics: FID, KID, SWD, precision and recall, and their registry. Plain torch on
-whatever features or images it is given; the spreading of the work over ranks is in evaluate.py.
+whatever features or images it is given; the spreading of the work over ranks is in eval/evaluate.py.
 
 - FID (Heusel et al. 2017): Fréchet distance between Gaussians fitted to Inception pool3 features, in
   float64. It depends on the number of images: compare runs at the same `eval.num_images`.
@@ -237,31 +237,6 @@ def fid_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
     diff = mu_r - mu_f
     return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
-
-
-@torch.no_grad()
-def generate_u8(G: torch.nn.Module, z: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """uint8 images of G(z), `batch` latents at a time (batch statistics, as in training)."""
-    from dcgan_dist.sample import sample
-
-    return torch.cat([to_uint8(sample(G, z[i:i + batch].to(device))).cpu() for i in range(0, len(z), batch)])
-
-
-def evaluate_images(real_u8: torch.Tensor, fake_u8: torch.Tensor, inception: Optional[Inception],
-                    real_features: Optional[torch.Tensor] = None, batch: int = 50,
-                    names: Iterable[str] = ("fid", "kid", "swd")) -> dict[str, float]:
-    """The registry's metrics `names` between two uint8 image sets, in one process; those that need an
-    Inception are skipped without one."""
-    feats = None
-    if inception is not None:
-        real = features(inception, real_u8, batch) if real_features is None else real_features
-        feats = (real, features(inception, fake_u8, batch))
-    return compute(names, Inputs(real_u8, fake_u8, *(feats or (None, None))))
-
-
-def features(inception: Inception, images_u8: torch.Tensor, batch: int = 50) -> torch.Tensor:
-    """Inception features on the CPU, `batch` images at a time."""
-    return torch.cat([inception(images_u8[i:i + batch]).cpu() for i in range(0, len(images_u8), batch)])
 
 
 # ----------------------------------------------------------------------------------------------------

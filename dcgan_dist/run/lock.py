@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from dcgan_dist.errors import RunStopped, UserError
+from dcgan_dist.errors import RunStopped, UserError, note, warn
 from dcgan_dist.host import process_start_ticks
 
 HEARTBEAT_S = 15.0
@@ -125,8 +124,7 @@ class RunLock:
             holder, beat = found
             reason = stale_reason(holder, time.time() - beat, self.me)
             if reason is not None:
-                print(f"note: taking over a stale lock on run_dir '{self.run_dir}' ({holder.describe()}): {reason}",
-                      file=sys.stderr, flush=True)
+                note(f"taking over a stale lock on run_dir '{self.run_dir}' ({holder.describe()}): {reason}")
                 self._discard(holder)
                 continue
             local = holder.host == self.me.host and holder.pid_ns == self.me.pid_ns
@@ -135,10 +133,9 @@ class RunLock:
                                 "stop that job or choose another run_dir")
             if first_beat is None:
                 first_beat = beat
-                print(f"note: run_dir '{self.run_dir}' is locked by {holder.describe()}, last heartbeat "
-                      f"{time.time() - beat:.0f} s ago; waiting up to {STALE_AFTER_S - (time.time() - beat):.0f} s for "
-                      "it to go stale (a job that was killed) or to beat again (a job still running)",
-                      file=sys.stderr, flush=True)
+                note(f"run_dir '{self.run_dir}' is locked by {holder.describe()}, last heartbeat "
+                     f"{time.time() - beat:.0f} s ago; waiting up to {STALE_AFTER_S - (time.time() - beat):.0f} s for "
+                     "it to go stale (a job that was killed) or to beat again (a job still running)")
             time.sleep(min(1.0, HEARTBEAT_S / 4))
 
     def check(self) -> None:
@@ -207,8 +204,8 @@ class RunLock:
             try:
                 found = self._read()
                 if found is not None and found[0] != self.me:
-                    print(f"warning: the lock on run_dir '{self.run_dir}' was taken by {found[0].describe()}; "
-                          "this job stops before its next checkpoint", file=sys.stderr, flush=True)
+                    warn(f"the lock on run_dir '{self.run_dir}' was taken by {found[0].describe()}; this job stops "
+                         "before its next checkpoint")
                     return
                 os.utime(self.path)
             except OSError:
