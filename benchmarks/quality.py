@@ -35,7 +35,7 @@ from dcgan_dist.dist.setup import build_eval_accelerator  # noqa: E402
 from dcgan_dist.eval.evaluate import Evaluation, Protocol  # noqa: E402
 from dcgan_dist.nets import metrics  # noqa: E402
 from dcgan_dist.nets.models import build_models  # noqa: E402
-from dcgan_dist.run.checkpoint import NETS, read_tensors  # noqa: E402
+from dcgan_dist.run.checkpoint import NETS, read_file, read_marker  # noqa: E402
 from dcgan_dist.run.layout import RunLayout  # noqa: E402
 
 VARIANTS = {
@@ -73,7 +73,10 @@ def train(name: str, overrides: list[str], args) -> Path:
 
 def load_generators(run_dir: Path, steps: int) -> dict[str, torch.nn.Module]:
     cfg = load_config(run_dir / "config.yaml")
-    tensors = read_tensors(RunLayout.of(run_dir).step_dir(steps), NETS)
+    from safetensors.torch import load
+
+    ckpt = RunLayout.of(run_dir).step_dir(steps)
+    tensors = load(read_file(ckpt, read_marker(ckpt), NETS))
     out = {}
     for kind, prefix in (("raw", "G."), ("ema", "ema.")):
         G, _ = build_models(cfg.model.nz, cfg.model.ngf, cfg.model.ndf, cfg.model.resolution)

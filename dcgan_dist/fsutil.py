@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of one."""
+"""Files: atomic writes (a reader sees the old file or the whole new one, never half of one), digests, and
+the safetensors files of this project, which name their format in their metadata."""
 from __future__ import annotations
 
 import hashlib
@@ -56,3 +57,27 @@ def probe_writable(path: Path) -> None:
     fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
     os.close(fd)
     os.unlink(probe)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def load_safetensors(path: Path, fmt: str, what: str) -> tuple[dict[str, str], dict]:
+    """(metadata, tensors) of a safetensors file whose metadata names format `fmt`; a one-line UserError
+    naming the file otherwise. safetensors holds data only: nothing in it runs."""
+    from safetensors import safe_open
+
+    from dcgan_dist.errors import UserError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if meta.get("format") == fmt else {}
+    except Exception as exc:  # noqa: BLE001 - not safetensors, truncated, ...
+        raise UserError(f"'{path}': not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    if meta.get("format") != fmt:
+        raise UserError(f"'{path}': not a dcgan-dist {what} (format {meta.get('format')!r}, expected {fmt!r})")
+    return meta, tensors

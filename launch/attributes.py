@@ -23,13 +23,12 @@ def main() -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs: expected a positive count, got {args.epochs}")
 
-    from dcgan_dist.eval.attributes import cached_path, save_classifier, train_classifier
     from dcgan_dist.data.shards import ShardSet
+    from dcgan_dist.eval.attributes import CACHE_NAME, save_classifier, train_classifier
 
-    shards = Path(args.shards)
-    shard_set = ShardSet.open(shards)
-    net, report = train_classifier(shards, epochs=args.epochs)
-    output = Path(args.output) if args.output else cached_path(shards)
+    shard_set = ShardSet.open(args.shards)
+    net, report = train_classifier(shard_set, epochs=args.epochs)
+    output = Path(args.output) if args.output else Path(args.shards) / CACHE_NAME
     save_classifier(output, net, shard_set, report)
     print(f"held-out images: {report['held_out_images']}")
     print(f"{'attribute':<22} {'accuracy':>8} {'balanced':>8} {'positives':>9}")

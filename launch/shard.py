@@ -11,7 +11,7 @@ manifest is incomplete, as on disk.
 import argparse
 
 from dcgan_dist.data.celeba import SPLITS, open_source
-from dcgan_dist.data.shards import IMAGES_PER_BLOCK, write_shards_anywhere
+from dcgan_dist.data.shards import IMAGES_PER_BLOCK, Sharding, write_shards
 from dcgan_dist.errors import UserError, main_guard
 from dcgan_dist.host import usable_cores
 
@@ -35,8 +35,8 @@ def main() -> None:
     if min(args.shard_size, args.workers, args.images_per_block) < 1:
         raise UserError("--shard-size, --workers and --images-per-block: expected positive integers")
     source = open_source(args.input, args.split)
-    manifest = write_shards_anywhere(source, args.output, args.resolution, args.split, args.shard_size,
-                                     args.workers, args.max_skip_fraction, images_per_block=args.images_per_block)
+    manifest = write_shards(source, args.output, Sharding(args.resolution, args.split, args.shard_size,
+                                                          args.images_per_block, args.workers, args.max_skip_fraction))
     print(f"wrote {manifest['count']} images in {len(manifest['shards'])} shards to {args.output} "
           f"(skipped {manifest['skipped']['count']}, missing {manifest['missing']['count']})")
 

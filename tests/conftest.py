@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dcgan_dist.data.celeba import open_source
-from dcgan_dist.data.shards import write_shards
+from dcgan_dist.data.shards import Sharding, write_shards
 from dcgan_dist.data.synthetic import write_celeba
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,8 @@ def celeba_parent(tmp_path_factory) -> Path:
 def shards32(celeba_parent, tmp_path_factory) -> Path:
     """The train split (~193 images) at 32 px in uneven shards of 50: 50, 50, 50, 43, in blocks of 16."""
     out = tmp_path_factory.mktemp("shards32")
-    write_shards(open_source(celeba_parent, "train"), out, resolution=32, split="train", shard_size=50,
-                 workers=2, progress=False, images_per_block=16)
+    write_shards(open_source(celeba_parent, "train"), out,
+                 Sharding(resolution=32, split="train", shard_size=50, workers=2, progress=False, images_per_block=16))
     return out
 
 
@@ -182,9 +182,16 @@ def train_small(shards: Path, run_dir: Path, **keys) -> Path:
 
 def saved_net(checkpoint: Path, net: str) -> dict:
     """The state dict of "G", "D" or "ema" in a checkpoint folder, read (and checked) as a resume reads it."""
-    from dcgan_dist.run.checkpoint import NETS, read_tensors
+    return {k[len(net) + 1:]: v for k, v in checkpoint_nets(Path(checkpoint)).items() if k.startswith(net + ".")}
 
-    return {k[len(net) + 1:]: v for k, v in read_tensors(Path(checkpoint), NETS).items() if k.startswith(net + ".")}
+
+def checkpoint_nets(checkpoint: Path) -> dict:
+    """nets.safetensors of a checkpoint folder, read only once its size and sha256 match COMPLETE."""
+    from safetensors.torch import load
+
+    from dcgan_dist.run.checkpoint import NETS, read_file, read_marker
+
+    return load(read_file(checkpoint, read_marker(checkpoint), NETS))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import run
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, open_source
-from dcgan_dist.data.shards import crop_resize, read_manifest, write_shards
+from dcgan_dist.data.shards import crop_resize, read_manifest, Sharding, write_shards
 from dcgan_dist.data.synthetic import write_celeba
 from dcgan_dist.errors import UserError
 
@@ -99,8 +99,8 @@ def test_sharding_is_byte_identical_and_zip_equals_folder(tmp_path, celeba_paren
             zf.write(p, f"img_align_celeba/{p.name}")
     source = open_source(tmp_path, "train")       # the parent: torchvision's layout
     assert source.kind == "celeba-zip"
-    manifest = write_shards(source, tmp_path / "out", resolution=32, split="train", shard_size=50, workers=1,
-                            progress=False, images_per_block=16)
+    manifest = write_shards(source, tmp_path / "out",
+                            Sharding(resolution=32, split="train", shard_size=50, workers=1, progress=False, images_per_block=16))
     reference = read_manifest(shards32)            # written from the folder with 2 workers
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
 
@@ -112,7 +112,8 @@ def test_splits_and_plain_folder(tmp_path, celeba_parent):
     folder.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (40, 30), (i * 50, 0, 0)).save(folder / f"img.{i}.png")
-    manifest = write_shards(open_source(tmp_path / "imgs", "all"), tmp_path / "out", 32, "all", progress=False)
+    manifest = write_shards(open_source(tmp_path / "imgs", "all"), tmp_path / "out",
+                            Sharding(resolution=32, split="all", progress=False))
     assert manifest["count"] == 3 and manifest["source"]["kind"] == "folder" and manifest["attributes"] == []
 
 

@@ -136,7 +136,7 @@ def write_generator(path: Path, collapse: bool) -> Path:
     G.apply(init_weights)
     if collapse:
         torch.nn.init.zeros_(G.main[-2].weight)
-    path.write_bytes(snapshot_bytes(G, resolution=32, nz=100, ngf=32, step=0, kimg=0.0, metrics={}))
+    path.write_bytes(snapshot_bytes(G, step=0, kimg=0.0, metrics={}))
     return path
 
 
@@ -184,7 +184,7 @@ def test_the_cache_follows_the_manifest(trained, shards32, tmp_path):
 def test_bad_input_is_one_line_and_a_nonzero_exit(trained, shards32, tmp_path):
     big = tmp_path / "g64.safetensors"
     G = Generator(nz=100, ngf=8, resolution=64)
-    big.write_bytes(snapshot_bytes(G, resolution=64, nz=100, ngf=8, step=0, kimg=0.0, metrics={}))
+    big.write_bytes(snapshot_bytes(G, step=0, kimg=0.0, metrics={}))
     empty = tmp_path / "empty"
     empty.mkdir()
     manifest = json.loads((shards32 / "manifest.json").read_text())

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run, saved_net, train_small
 from dcgan_dist.data.celeba import open_source
-from dcgan_dist.data.shards import write_shards
+from dcgan_dist.data.shards import Sharding, write_shards
 from dcgan_dist.data.synthetic import write_celeba
 
 DRAWN = ("Smiling", "Male", "Eyeglasses", "Black_Hair", "Blond_Hair", "Wearing_Lipstick", "Mouth_Slightly_Open")
@@ -22,8 +22,8 @@ def faces32(tmp_path_factory) -> Path:
     parent = tmp_path_factory.mktemp("faces")
     write_celeba(parent, num=1200, seed=5, progress=False)
     out = tmp_path_factory.mktemp("faces32")
-    write_shards(open_source(parent, "all"), out, resolution=32, split="all", shard_size=400, workers=2,
-                 progress=False, images_per_block=64)
+    write_shards(open_source(parent, "all"), out,
+                 Sharding(resolution=32, split="all", shard_size=400, workers=2, progress=False, images_per_block=64))
     return out
 
 
@@ -40,14 +40,14 @@ def generate(*args, timeout=300):
 
 
 def test_snapshot_beside_every_checkpoint_and_the_best(trained):
-    from dcgan_dist.run.snapshot import read_metadata
+    from dcgan_dist.run.snapshot import load_snapshot
 
     for step in (150, 300):
-        meta = read_metadata(trained / f"checkpoints/step-{step:08d}/generator.safetensors")
+        _, meta = load_snapshot(trained / f"checkpoints/step-{step:08d}/generator.safetensors")
         assert meta["step"] == step and meta["resolution"] == 32 and meta["nz"] == 100 and meta["ngf"] == 32
         assert meta["kimg"] == pytest.approx(step * 64 / 1000) and "swd" in meta["metrics"]
     best = trained / "checkpoints/best/generator.safetensors"
-    assert read_metadata(best)["step"] == json.loads((trained / "checkpoints/best/trainer_state.json").read_text())["step"]
+    assert load_snapshot(best)[1]["step"] == json.loads((trained / "checkpoints/best/trainer_state.json").read_text())["step"]
     assert (trained / "generator.safetensors").read_bytes() == best.read_bytes()
 
 
@@ -146,6 +146,6 @@ def test_arithmetic_needs_shards_with_attributes(tmp_path):
     folder.mkdir()
     for i in range(40):
         Image.new("RGB", (40, 40), (i * 5, 0, 0)).save(folder / f"{i}.png")
-    write_shards(open_source(folder, "all"), tmp_path / "plain", 32, "all", progress=False)
+    write_shards(open_source(folder, "all"), tmp_path / "plain", Sharding(resolution=32, split="all", progress=False))
     out = run([sys.executable, "launch/attributes.py", "--shards", tmp_path / "plain"], timeout=120)
     assert out.returncode == 1 and "have no attribute labels" in out.stderr and len(out.stderr.strip().splitlines()) == 1

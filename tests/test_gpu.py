@@ -19,11 +19,11 @@ gpu = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def shards64(celeba_parent, tmp_path_factory):
     from dcgan_dist.data.celeba import open_source
-    from dcgan_dist.data.shards import write_shards
+    from dcgan_dist.data.shards import Sharding, write_shards
 
     out = tmp_path_factory.mktemp("shards64")
-    write_shards(open_source(celeba_parent, "train"), out, resolution=64, split="train", shard_size=50,
-                 workers=2, progress=False, images_per_block=16)
+    write_shards(open_source(celeba_parent, "train"), out,
+                 Sharding(resolution=64, split="train", shard_size=50, workers=2, progress=False, images_per_block=16))
     return out
 
 

@@ -81,12 +81,12 @@ def test_models_and_losses_never_import_accelerate():
 def test_sample_grid_matches_torchvision_make_grid(n, nrow):
     from torchvision.utils import make_grid
 
-    from dcgan_dist.report.plots import grid_image
+    from dcgan_dist.report.plots import grid
 
     images = torch.rand(n, 3, 8, 8) * 2.4 - 1.2                      # a little out of range on both sides
     ref = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
     ref = ref.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()   # as save_image
-    assert np.array_equal(np.asarray(grid_image(images, nrow)), ref)
+    assert np.array_equal(np.asarray(grid(images, nrow)), ref)
 
 
 def test_training_path_does_not_import_torchvision():

@@ -18,11 +18,11 @@ import psutil
 import pytest
 import torch
 
-from conftest import accelerate_launch, run
+from conftest import accelerate_launch, checkpoint_nets, run
 from conftest import read_metrics as metrics
 from dcgan_dist.nets import metrics as metrics_module
 from dcgan_dist.data import remote
-from dcgan_dist.data.shards import ShardSet, fetch_shard, read_manifest, write_shards
+from dcgan_dist.data.shards import ShardSet, fetch_shard, read_manifest, Sharding, write_shards
 from dcgan_dist.data.stream import ShardError, decode_block, read_shards
 from dcgan_dist.errors import UserError
 from dcgan_dist.redact import redact
@@ -68,9 +68,7 @@ def to_legacy(ckpt: Path, payload: Path) -> None:
     every pickle one that runs code when loaded by a loader that runs code."""
     from safetensors.torch import save_file
 
-    from dcgan_dist.run.checkpoint import NETS, read_tensors
-
-    tensors = read_tensors(ckpt, NETS)
+    tensors = checkpoint_nets(ckpt)
     save_file({k[2:]: v.contiguous() for k, v in tensors.items() if k.startswith("G.")}, ckpt / "model.safetensors")
     for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "optimizer_1.bin", "random_states_0.pkl"):
         torch.save(Payload(payload), ckpt / name)
@@ -420,8 +418,8 @@ def reshard_in_place(celeba_parent: Path, tmp_path: Path, d: Path, seed: int) ->
 
     source = tmp_path / f"faces-{seed}"
     write_celeba(source, num=240, seed=seed, progress=False)
-    write_shards(open_source(source, "train"), d, resolution=32, split="train", shard_size=50, workers=1,
-                 progress=False, images_per_block=16)
+    write_shards(open_source(source, "train"), d,
+                 Sharding(resolution=32, split="train", shard_size=50, workers=1, progress=False, images_per_block=16))
 
 
 def test_caches_beside_the_shards_follow_the_manifest(celeba_parent, shards32, tmp_path):

@@ -89,14 +89,14 @@ def test_the_samples_table_is_skipped_quietly_without_attributes_and_explained_w
 
     from dcgan_dist.eval.attributes import scorer_for
     from dcgan_dist.data.celeba import open_source
-    from dcgan_dist.data.shards import ShardSet, write_shards
+    from dcgan_dist.data.shards import ShardSet, Sharding, write_shards
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(4):
         Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(folder / f"{i}.png")
-    write_shards(open_source(folder, "all"), tmp_path / "plain", resolution=32, split="all", shard_size=4,
-                 workers=1, progress=False)
+    write_shards(open_source(folder, "all"), tmp_path / "plain",
+                 Sharding(resolution=32, split="all", shard_size=4, workers=1, progress=False))
     assert scorer_for(ShardSet.open(tmp_path / "plain")) is None
     assert capsys.readouterr().err == ""
     labelled = tmp_path / "labelled"

@@ -1,22 +1,19 @@
 """Shard sets that live elsewhere: `http(s)://host/prefix/`, `s3://bucket/prefix/`, `gs://bucket/prefix/`,
-or a command template, `pipe:CMD ... {name} ...`, whose stdout is the file.
+or a command template, `pipe:CMD ... {name} ...`, whose stdout is the file. Files are named as on disk
+under the prefix and read whole (a shard is 5-50 MB, fetched ahead by threads while the reader works).
+s3:// and gs:// go through fsspec (s3fs, gcsfs) where it is installed, else the provider's CLI.
 
-A set's files are named as on disk (`manifest.json`, `train-000000.tar`, ...) under the prefix. Reads
-are whole files: a shard is 5-50 MB, fetched ahead by a thread while the previous one is consumed
-(stream.py). s3:// and gs:// go through fsspec (s3fs, gcsfs) where that is installed, else through the
-provider's CLI (aws, gcloud), which read their usual credentials from the environment.
-
-What comes back is not trusted (docs/TRUST.md):
-- a download is read up to the size the manifest gives and no further, within one deadline for the
-  whole file (TIMEOUT_S + its size at MIN_BYTES_PER_S), not a timeout per socket read;
-- HTTP redirects are followed only within the same scheme, and an HTTP 4xx is not retried;
-- a `pipe:` template is split into words once, as a shell would split it, and run without a shell:
-  `{name}` becomes part of one argument, whatever it holds. `$VAR` and `${VAR}` are expanded from
-  the environment (so that a token need not be written into the config); nothing else is interpreted.
+What comes back is not trusted (docs/TRUST.md): a download is read up to the size the manifest gives and
+no further, within one deadline for the whole file, not a timeout per socket read; HTTP redirects stay
+within the scheme and a 4xx is not retried; a `pipe:` template is split into words once, as a shell would,
+and run without a shell, so `{name}` is part of one argument whatever it holds (`$VAR` is expanded, so a
+token need not be written into the config; nothing else is interpreted).
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
 import os
 import select
 import shlex
@@ -35,9 +32,11 @@ from dcgan_dist.errors import UserError
 from dcgan_dist.redact import redact
 
 PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:")
-ATTEMPTS = int(os.environ.get("DCGAN_REMOTE_ATTEMPTS", "4"))       # tries per file; tests may lower it
-BACKOFF_S = float(os.environ.get("DCGAN_REMOTE_BACKOFF_S", "0.5"))   # doubles after each failure
-TIMEOUT_S = float(os.environ.get("DCGAN_REMOTE_TIMEOUT_S", "60"))   # a download's fixed allowance
+# For slow or flaky storage (and quick tests), from the environment: tries per file, the first backoff
+# (doubled after each failure), and a download's fixed time allowance.
+ATTEMPTS = int(os.environ.get("DCGAN_REMOTE_ATTEMPTS", "4"))
+BACKOFF_S = float(os.environ.get("DCGAN_REMOTE_BACKOFF_S", "0.5"))
+TIMEOUT_S = float(os.environ.get("DCGAN_REMOTE_TIMEOUT_S", "60"))
 MIN_BYTES_PER_S = 1 << 20           # ... plus its size at this rate: a 12 MB shard gets 72 s in all
 MAX_UNSIZED_BYTES = 64 << 20        # a file the manifest gives no size for (the manifest itself)
 UPLOAD_REPLY_BYTES = 1 << 20        # what an upload's command or server may print back (read, then dropped)
@@ -67,68 +66,61 @@ def member(location: str, name: str) -> str:
 def pipe_argv(location: str, name: str, expand: bool = True) -> list[str]:
     """The command for file `name` of a `pipe:` set: the template's words, with `$VAR` expanded from
     the environment (unless `expand` is false) and then `{name}` replaced inside them."""
-    template = location[len("pipe:"):]
+    template, shown = location[len("pipe:"):], redact(location)
     if "{name}" not in template:
-        raise UserError(f"data.shards '{redact(location)}': a pipe: set needs '{{name}}' where the file name "
-                        "goes, e.g. pipe:curl -fsS https://host/celeba64/{name}")
+        raise UserError(f"data.shards '{shown}': a pipe: set needs '{{name}}' where the file name goes, e.g. "
+                        "pipe:curl -fsS https://host/celeba64/{name}")
     try:
         words = shlex.split(template)
     except ValueError as exc:
-        raise UserError(f"data.shards '{redact(location)}': cannot split the pipe: command into words ({exc})") from None
+        raise UserError(f"data.shards '{shown}': cannot split the pipe: command into words ({exc})") from None
     if not words:
-        raise UserError(f"data.shards '{redact(location)}': the pipe: command is empty")
+        raise UserError(f"data.shards '{shown}': the pipe: command is empty")
     return [(os.path.expandvars(word) if expand else word).replace("{name}", name) for word in words]
 
 
 def read_command(url: str) -> list[str]:
     """The CLI that writes the object at an s3:// or gs:// URL to stdout."""
-    if url.startswith("s3://"):
-        return ["aws", "s3", "cp", "--only-show-errors", url, "-"]
-    if url.startswith("gs://"):
-        return ["gcloud", "storage", "cat", url]
-    raise ValueError(url)
+    return ["aws", "s3", "cp", "--only-show-errors", url, "-"] if url.startswith("s3://") else \
+        ["gcloud", "storage", "cat", url]
 
 
 def write_command(url: str) -> list[str]:
     """The CLI that stores its stdin as the object at an s3:// or gs:// URL."""
-    if url.startswith("s3://"):
-        return ["aws", "s3", "cp", "--only-show-errors", "-", url]
-    if url.startswith("gs://"):
-        return ["gcloud", "storage", "cp", "-", url]
-    raise ValueError(url)
+    return ["aws", "s3", "cp", "--only-show-errors", "-", url] if url.startswith("s3://") else \
+        ["gcloud", "storage", "cp", "-", url]
 
 
 def fsspec_filesystem(url: str):
     """fsspec's filesystem for an s3:// or gs:// URL when its backend (s3fs, gcsfs) is installed, else None."""
-    backend = {"s3://": "s3fs", "gs://": "gcsfs"}.get(url[:5])
-    if backend is None:
-        return None
     try:
-        __import__(backend)
+        __import__({"s3://": "s3fs", "gs://": "gcsfs"}[url[:5]])
         import fsspec
-    except ImportError:
+    except (KeyError, ImportError):
         return None
     return fsspec.filesystem(url[:2])
 
 
-def deadline_s(size: Optional[int]) -> float:
-    return TIMEOUT_S + (size if size is not None else 0) / MIN_BYTES_PER_S
+def _deadline(size: Optional[int]) -> float:
+    return time.monotonic() + TIMEOUT_S + (size or 0) / MIN_BYTES_PER_S
 
 
 def fetch(location: str, name: str, size: Optional[int] = None) -> bytes:
     """One attempt at file `name` of the set at `location`: exactly `size` bytes when given (the
     manifest's), else at most MAX_UNSIZED_BYTES. Every failure is an OSError, a short or long read too."""
-    limit = size if size is not None else MAX_UNSIZED_BYTES
-    deadline = time.monotonic() + deadline_s(size)
+    limit, deadline, url = size if size is not None else MAX_UNSIZED_BYTES, _deadline(size), member(location, name)
     if location.startswith("pipe:"):
         data = _run(pipe_argv(location, name), limit, deadline)
+    elif url.startswith(("http://", "https://")):
+        request, timeout = _request(url, deadline)
+        with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
+            data = _read_capped(response.read1, limit, deadline)
+            promised = response.headers.get("Content-Length")
+        if promised is not None and promised.isdigit() and int(promised) != len(data):
+            raise OSError(f"cut short: {len(data)} of the {promised} bytes the server announced")
     else:
-        url = member(location, name)
-        if url.startswith(("http://", "https://")):
-            data = _http_get(url, limit, deadline)
-        else:
-            fs = fsspec_filesystem(url)
-            data = fs.cat_file(url, start=0, end=limit + 1) if fs is not None else _run(read_command(url), limit, deadline)
+        fs = fsspec_filesystem(url)
+        data = fs.cat_file(url, start=0, end=limit + 1) if fs is not None else _run(read_command(url), limit, deadline)
     if len(data) > limit:
         raise OSError(f"more than the {limit} bytes expected")
     if size is not None and len(data) != size:
@@ -138,19 +130,15 @@ def fetch(location: str, name: str, size: Optional[int] = None) -> bytes:
 
 def upload(location: str, name: str, data: bytes) -> None:
     """One attempt at storing `data` as file `name` of the set at `location`."""
-    deadline = time.monotonic() + deadline_s(len(data))
+    deadline, url = _deadline(len(data)), member(location, name)
     if location.startswith("pipe:"):
         _run(pipe_argv(location, name), UPLOAD_REPLY_BYTES, deadline, stdin=data)   # e.g. curl -T prints a reply
-        return
-    url = member(location, name)
-    if url.startswith(("http://", "https://")):
+    elif url.startswith(("http://", "https://")):
         request, timeout = _request(url, deadline, data=data, method="PUT")
         request.add_header("Content-Type", "application/octet-stream")
         with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
             _read_capped(response.read1, UPLOAD_REPLY_BYTES, deadline)
-        return
-    fs = fsspec_filesystem(url)
-    if fs is not None:
+    elif (fs := fsspec_filesystem(url)) is not None:
         fs.pipe_file(url, data)
     else:
         _run(write_command(url), UPLOAD_REPLY_BYTES, deadline, stdin=data)
@@ -181,33 +169,22 @@ def _request(url: str, deadline: float, **kwargs) -> tuple[urllib.request.Reques
     return request, max(0.1, min(TIMEOUT_S, deadline - time.monotonic()))
 
 
-class _http_errors:
+@contextlib.contextmanager
+def _http_errors():
     """HTTP failures as OSErrors whose text is the status line; a 4xx (bar 408 and 429) as permanent."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if isinstance(exc, urllib.error.HTTPError):
-            permanent = 400 <= exc.code < 500 and exc.code not in (408, 429)
-            raise (PermanentError if permanent else OSError)(f"HTTP {exc.code} {exc.reason}") from None
-        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, PermanentError):
-            raise exc.reason from None
-        if isinstance(exc, ValueError):             # a malformed URL (http.client.InvalidURL is one)
-            raise PermanentError(f"malformed URL ({exc})") from None
-        if exc is not None and not isinstance(exc, OSError) and type(exc).__module__ == "http.client":
-            raise OSError(f"{type(exc).__name__}: {exc}") from None
-        return False
-
-
-def _http_get(url: str, limit: int, deadline: float) -> bytes:
-    request, timeout = _request(url, deadline)
-    with _http_errors(), _OPENER.open(request, timeout=timeout) as response:
-        data = _read_capped(response.read1, limit, deadline)
-        promised = response.headers.get("Content-Length")
-    if promised is not None and promised.isdigit() and int(promised) != len(data):
-        raise OSError(f"cut short: {len(data)} of the {promised} bytes the server announced")
-    return data
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        permanent = 400 <= exc.code < 500 and exc.code not in (408, 429)
+        raise (PermanentError if permanent else OSError)(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise exc.reason if isinstance(exc.reason, PermanentError) else exc from None
+    except OSError:
+        raise
+    except ValueError as exc:                   # a malformed URL (http.client.InvalidURL is one)
+        raise PermanentError(f"malformed URL ({exc})") from None
+    except http.client.HTTPException as exc:
+        raise OSError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _read_capped(read1: Callable[[int], bytes], limit: int, deadline: float) -> bytes:
@@ -237,10 +214,23 @@ def _run(argv: list[str], limit: int, deadline: float, stdin: Optional[bytes] = 
                                  "gcsfs)") from None
         except OSError as exc:
             raise PermanentError(f"cannot run '{name}' ({exc.strerror})") from None
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):   # a command that exits early: its exit code says why
+                proc.stdin.write(stdin)
+                proc.stdin.close()
+
         if stdin is not None:
-            threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True).start()
+            threading.Thread(target=feed, daemon=True).start()
+
+        def read1(n: int) -> bytes:          # a read that waits for data no longer than the deadline
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
+                raise OSError(f"'{name}' not finished within its deadline")
+            return os.read(proc.stdout.fileno(), n)
+
         try:
-            out = _read_capped(_pipe_read1(proc.stdout.fileno(), deadline, name), limit, deadline)
+            out = _read_capped(read1, limit, deadline)
             code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except (OSError, subprocess.TimeoutExpired) as exc:
             proc.kill()
@@ -253,24 +243,6 @@ def _run(argv: list[str], limit: int, deadline: float, stdin: Optional[bytes] = 
             lines = errors.read().decode(errors="replace").strip().splitlines()
             raise OSError(f"'{name}' exited {code}: {redact(lines[-1]) if lines else 'no message'}")
     return out
-
-
-def _feed(pipe, data: bytes) -> None:
-    try:
-        pipe.write(data)
-        pipe.close()
-    except OSError:
-        pass                                   # the command exited early; its exit code says why
-
-
-def _pipe_read1(fd: int, deadline: float, name: str) -> Callable[[int], bytes]:
-    """A read1() on a pipe that waits for data no longer than the deadline."""
-    def read1(n: int) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise OSError(f"'{name}' not finished within its deadline")
-        return os.read(fd, n)
-    return read1
 
 
 def with_retries(action: Callable[[], T], what: str, on_retry: Optional[Callable[[str], None]] = None) -> T:

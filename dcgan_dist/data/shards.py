@@ -1,20 +1,14 @@
-"""Write webdataset tar shards + manifest.json from a CelebA layout or an image folder.
+"""Shard sets: webdataset tar shards + manifest.json, written from a CelebA layout or an image folder,
+read back only once every name, size and digest in them has been checked (docs/TRUST.md).
 
-Images are stored in blocks: one block is two tar members, `000001.npy` (uint8, N x R x R x 3, the
-cropped and resized images, RGB, NHWC) and `000001.json` (a list of N records: key, 40 attributes,
-identity, split and source file), keyed by the block's first image. Blocks, not one member per image,
-because the loader is then a file read and a memcpy per 256 images instead of a tar header, a JPEG
-decode and a shuffle-buffer step per image (20x the per-image rate; docs/PERFORMANCE.md). Raw pixels
-also make the stored images exactly the crop below, with no second lossy step. `tar` and `webdataset`
-read the shards as they are: webdataset's default decoder turns `.npy` into an array.
+A shard holds blocks of images, two tar members each: `000001.npy` (uint8, N x R x R x 3, RGB) and
+`000001.json` (N records: key, 40 attributes, identity, split, source file), keyed by the block's first
+image. Blocks, not a member per image, make the loader a file read and a memcpy per 256 images instead of
+a tar header and a JPEG decode per image (20x the rate, docs/PERFORMANCE.md); raw pixels keep the stored
+images exactly the crop, with no second lossy step. Plain `tar` and `webdataset` read them as they are.
 
-    crop   the centred square of side min(w, h): for CelebA's 178x218 that is rows 20..197, the
-           same region as torchvision's Resize(R) + CenterCrop(R) used by the DCGAN tutorials;
-    resize Lanczos (antialiased) to R x R.
-
-Shards are byte-identical for the same input: members are sorted, and every tar header field that
-could vary (mtime, owner, mode) is fixed. Shards and the manifest are written atomically; the
-manifest comes last, so its presence means the set is complete.
+Shards are byte-identical for the same input (members sorted, tar header fields fixed) and written
+atomically; the manifest comes last, so its presence means the set is complete.
 """
 from __future__ import annotations
 
@@ -39,14 +33,28 @@ from tqdm import tqdm
 from dcgan_dist.data import remote
 from dcgan_dist.data.celeba import ATTRIBUTE_NAMES, Source, read_bytes
 from dcgan_dist.errors import UserError, warn
-from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir, probe_writable
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir, probe_writable
 from dcgan_dist.redact import redact
 
 MANIFEST = "manifest.json"
 FORMAT = "dcgan-dist-shards/2"
-OLD_FORMATS = ("dcgan-dist-shards/1",)
 IMAGES_PER_BLOCK = 256
+# The centred square of side min(w, h): for CelebA's 178x218, rows 20..197, the region the DCGAN
+# tutorials' Resize(R) + CenterCrop(R) keep; then an antialiased resize.
 CROP_DOC = "centre square of side min(w, h), Lanczos resize to resolution x resolution"
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a set is written (launch/shard.py's flags)."""
+
+    resolution: int = 64
+    split: str = "train"
+    shard_size: int = 1000                  # images per shard
+    images_per_block: int = IMAGES_PER_BLOCK
+    workers: int = 1                        # encoder processes
+    max_skip_fraction: float = 0.01         # of unreadable images, before the set is refused
+    progress: bool = True
 
 
 def crop_resize(data: bytes, resolution: int) -> Image.Image:
@@ -56,81 +64,101 @@ def crop_resize(data: bytes, resolution: int) -> Image.Image:
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return img.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                      box=(left, top, left + side, top + side))
+    return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side))
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(payload), 0, 0o644, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(payload))
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _write_shard(task: tuple) -> dict:
     """Worker: crop and resize one shard's images into `<name>.tar`. Returns its manifest entry."""
-    out_dir, name, items, zip_path, resolution, images_per_block = task
+    out_dir, name, items, zip_path, how = task
     pixels, metas, skipped = [], [], []
     for item in items:
         try:
-            pixels.append(np.asarray(crop_resize(read_bytes(zip_path, item.ref), resolution)))
+            pixels.append(np.asarray(crop_resize(read_bytes(zip_path, item.ref), how.resolution)))
         except Exception as exc:  # corrupt, truncated, zero-byte or not an image at all
             skipped.append(f"{item.meta.get('file', item.ref)}: {type(exc).__name__}")
             continue
         metas.append({"key": item.key, **item.meta})
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(0, len(pixels), images_per_block):
-            key = metas[i]["key"]
-            block = np.stack(pixels[i:i + images_per_block])
-            _tar_member(tar, f"{key}.npy", _npy_bytes(block))
-            _tar_member(tar, f"{key}.json", json.dumps(metas[i:i + images_per_block], sort_keys=True).encode())
+        for i in range(0, len(pixels), how.images_per_block):
+            npy = io.BytesIO()
+            np.save(npy, np.stack(pixels[i:i + how.images_per_block]), allow_pickle=False)
+            _tar_member(tar, f"{metas[i]['key']}.npy", npy.getvalue())
+            _tar_member(tar, f"{metas[i]['key']}.json",
+                        json.dumps(metas[i:i + how.images_per_block], sort_keys=True).encode())
     data = buf.getvalue()
     atomic_write_bytes(Path(out_dir) / name, data)
     return {"name": name, "count": len(pixels), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "skipped": skipped}
 
 
-def write_shards(source: Source, output: Path, resolution: int, split: str, shard_size: int = 1000,
-                 workers: int = 1, max_skip_fraction: float = 0.01, progress: bool = True,
-                 images_per_block: int = IMAGES_PER_BLOCK, on_shard: Optional[Callable[[Path], None]] = None) -> dict:
-    """`on_shard(path)` is called in this process as each shard is complete on disk (to upload it); no
-    new shard is started meanwhile, so at most `workers + 1` finished shards ever wait for it."""
-    output = Path(output)
-    _check_writable(output)
-    items = source.items
-    if not items:
-        raise UserError(f"input '{source.root}': no images found for split '{split}'")
-    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    tasks = [(str(output), f"{split}-{i:06d}.tar", chunk, source.zip_path, resolution, images_per_block)
-             for i, chunk in enumerate(chunks)]
+def write_shards(source: Source, output: Union[str, Path], how: Sharding) -> dict:
+    """The set of `source` at `output`: a folder, or a remote set (remote.py), whose shards are written to a
+    local temporary folder and uploaded one by one as they are done, the manifest last."""
+    if not remote.is_remote(output):
+        return _write_local(source, Path(output), how)
+    remote.member(str(output), MANIFEST)             # a malformed pipe: template fails before any work
+    with tempfile.TemporaryDirectory(prefix="dcgan-shards-") as local:
+        manifest = _write_local(source, Path(local), how, upload_to=str(output))
+        _upload(Path(local) / MANIFEST, str(output))
+    return manifest
+
+
+def _upload(path: Path, location: str) -> None:
+    data, where = path.read_bytes(), redact(remote.member(location, path.name))
+    try:
+        remote.with_retries(lambda: remote.upload(location, path.name, data), where)
+    except OSError as exc:
+        raise UserError(f"output '{where}': upload failed ({exc})") from None
+
+
+def _write_local(source: Source, output: Path, how: Sharding, upload_to: Optional[str] = None) -> dict:
+    try:
+        probe_writable(output)
+    except OSError as exc:
+        raise UserError(f"output '{output}': not writable ({exc.strerror})") from None
+    if not source.items:
+        raise UserError(f"input '{source.root}': no images found for split '{how.split}'")
+    chunks = [source.items[i:i + how.shard_size] for i in range(0, len(source.items), how.shard_size)]
+    tasks = [(str(output), f"{how.split}-{i:06d}.tar", chunk, source.zip_path, how) for i, chunk in enumerate(chunks)]
     entries = []
-    bar = tqdm(total=len(items), desc=f"sharding {split}", unit="img", disable=not progress)
-    window = workers + 1 if on_shard is not None else 2 * workers
-    for entry in _encode(tasks, workers, window):
+    bar = tqdm(total=len(source.items), desc=f"sharding {how.split}", unit="img", disable=not how.progress)
+    # An upload holds the encoding back: at most workers + 1 finished shards wait on local disk.
+    for entry in _encode(tasks, how.workers, how.workers + 1 if upload_to else 2 * how.workers):
         entries.append(entry)
         bar.update(entry["count"] + len(entry["skipped"]))
-        if on_shard is not None:
-            on_shard(output / entry["name"])
+        if upload_to:
+            _upload(output / entry["name"], upload_to)
+            (output / entry["name"]).unlink()
     bar.close()
-    entries.sort(key=lambda e: e["name"])
     fsync_dir(output)
-    image = {"ext": "npy", "layout": "uint8 blocks, N x R x R x 3 (RGB)", "images_per_block": images_per_block,
-             "crop": CROP_DOC}
-    return _finish_manifest(source, output, resolution, split, entries, max_skip_fraction, image)
+    skipped = [s for e in entries for s in e.pop("skipped")]
+    count = sum(e["count"] for e in entries)
+    for line in skipped[:20]:
+        warn(f"skipped unreadable image {line}")
+    if skipped and len(skipped) > how.max_skip_fraction * (count + len(skipped)):
+        raise UserError(f"input '{source.root}': {len(skipped)} of {count + len(skipped)} images unreadable, "
+                        f"more than the allowed fraction {how.max_skip_fraction}; manifest not written")
+    manifest = {"format": FORMAT, "count": count, "resolution": how.resolution, "split": how.split,
+                "image": {"ext": "npy", "layout": "uint8 blocks, N x R x R x 3 (RGB)",
+                          "images_per_block": how.images_per_block, "crop": CROP_DOC},
+                "attributes": list(ATTRIBUTE_NAMES) if source.kind != "folder" else [],
+                "source": source.describe(), "skipped": {"count": len(skipped), "files": skipped[:1000]},
+                "missing": {"count": len(source.missing), "files": source.missing[:1000]},
+                "shards": sorted(entries, key=lambda e: e["name"])}
+    atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def _encode(tasks: list[tuple], workers: int, window: int) -> Iterator[dict]:
     """Each task's manifest entry as its shard is done, in `workers` processes, with at most `window`
-    tasks started and not yet handed back: a caller that uploads each shard holds the encoding back
-    (a pool's imap would run ahead and pile every finished shard up on local disk)."""
+    tasks started and not handed back (a pool's imap would run ahead of an uploading caller)."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_write_shard, tasks)
         return
@@ -138,11 +166,10 @@ def _encode(tasks: list[tuple], workers: int, window: int) -> Iterator[dict]:
     todo = iter(tasks)
     with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
         def start(n: int) -> int:
-            started = 0
-            for task in itertools.islice(todo, n):
+            started = list(itertools.islice(todo, n))
+            for task in started:
                 pool.apply_async(_write_shard, (task,), callback=done.put, error_callback=done.put)
-                started += 1
-            return started
+            return len(started)
 
         in_flight = start(window)
         while in_flight:
@@ -153,42 +180,9 @@ def _encode(tasks: list[tuple], workers: int, window: int) -> Iterator[dict]:
             in_flight += start(1) - 1
 
 
-def _finish_manifest(source: Source, output: Path, resolution: int, split: str, entries: list[dict],
-                     max_skip_fraction: float, image: dict) -> dict:
-    skipped = [s for e in entries for s in e.pop("skipped")]
-    count = sum(e["count"] for e in entries)
-    for line in skipped[:20]:
-        warn(f"skipped unreadable image {line}")
-    if skipped and len(skipped) > max_skip_fraction * (count + len(skipped)):
-        raise UserError(f"input '{source.root}': {len(skipped)} of {count + len(skipped)} images unreadable, "
-                        f"more than the allowed fraction {max_skip_fraction}; manifest not written")
-    manifest = {
-        "format": FORMAT,
-        "count": count,
-        "resolution": resolution,
-        "split": split,
-        "image": image,
-        "attributes": list(ATTRIBUTE_NAMES) if source.kind != "folder" else [],
-        "source": source.describe(),
-        "skipped": {"count": len(skipped), "files": skipped[:1000]},
-        "missing": {"count": len(source.missing), "files": source.missing[:1000]},
-        "shards": entries,
-    }
-    atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def _check_writable(output: Path) -> None:
-    try:
-        probe_writable(output)
-    except OSError as exc:
-        raise UserError(f"output '{output}': not writable ({exc.strerror})") from None
-
-
 # ----------------------------------------------------------------------------------------------------
-# Reading a set. Nothing in a manifest or a shard is trusted unchecked (docs/TRUST.md): names must be
-# plain file names, sizes and counts must fit the format, and every shard's bytes must match the
-# manifest's sha256 before they are read.
+# Reading a set. Nothing in a manifest or a shard is trusted unchecked: names must be plain file names,
+# sizes and counts must fit the format, and a shard's bytes must match its sha256 before they are read.
 
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.tar$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -221,7 +215,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardSet:
-    """A checked manifest and its shards: what the loader, the evaluator and the classifier read."""
+    """A checked manifest and its shards: what the loader, the evaluation and the classifier read."""
 
     location: str
     manifest: dict
@@ -231,16 +225,14 @@ class ShardSet:
 
     @classmethod
     def open(cls, location: Union[str, Path], cache: Optional[str] = None) -> "ShardSet":
-        manifest = read_manifest(location)
-        far = remote.is_remote(str(location))
+        manifest, far = read_manifest(location), remote.is_remote(location)
         shards = tuple(Shard(str(location), e["name"], e["bytes"], e["sha256"], e["count"], far)
                        for e in manifest["shards"])
         return cls(str(location), manifest, shards, far, Path(cache) if cache and far else None)
 
     @property
     def shown(self) -> str:
-        """Where the set is, as files and messages may show it: a folder as an absolute path, a remote
-        set without its credentials."""
+        """Where the set is, as files and messages show it: a folder's absolute path, a URL without secrets."""
         return redact(self.location) if self.remote else str(Path(self.location).resolve())
 
     @property
@@ -249,7 +241,8 @@ class ShardSet:
 
     @property
     def digest(self) -> str:
-        return manifest_digest(self.manifest)
+        """What a set's caches are keyed by: a set sharded again in place gets a new one."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
 
     def member_limits(self) -> dict[str, int]:
         """The largest .npy and .json tar member a block of this set can be."""
@@ -260,14 +253,9 @@ class ShardSet:
         return dataclasses.replace(self, shards=tuple(s for s in self.shards if s.name not in names))
 
 
-def manifest_digest(manifest: dict) -> str:
-    """What a set's caches are keyed by: a set sharded again in place gets a new one."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def read_manifest(shards: Union[str, Path]) -> dict:
-    """Load and check manifest.json, from a folder or a remote set (remote.py); every problem is a
-    one-line UserError naming the path or URL."""
+    """manifest.json of a folder or a remote set, checked; every problem is a one-line UserError naming
+    the path or URL."""
     if remote.is_remote(shards):
         where = redact(remote.member(str(shards), MANIFEST))
         try:
@@ -275,16 +263,16 @@ def read_manifest(shards: Union[str, Path]) -> dict:
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"data.shards '{redact(str(shards))}': cannot read '{where}' ({exc})") from None
         return _check_manifest(text, where, lambda name: True)
-    shards_dir = Path(shards)
-    path = shards_dir / MANIFEST
-    if not shards_dir.is_dir():
-        raise UserError(f"data.shards '{shards_dir}': no such directory (make it with launch/shard.py)")
+    folder = Path(shards)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserError(f"data.shards '{folder}': no such directory (make it with launch/shard.py)")
     if not path.is_file():
-        raise UserError(f"data.shards '{shards_dir}': no {MANIFEST} (make the shards with launch/shard.py)")
+        raise UserError(f"data.shards '{folder}': no {MANIFEST} (make the shards with launch/shard.py)")
     if path.stat().st_size > remote.MAX_UNSIZED_BYTES:
         raise UserError(f"'{path}': {path.stat().st_size} bytes, more than a manifest can be "
                         f"({remote.MAX_UNSIZED_BYTES})")
-    return _check_manifest(path.read_text(), str(path), lambda name: (shards_dir / name).is_file())
+    return _check_manifest(path.read_text(), str(path), lambda name: (folder / name).is_file())
 
 
 def _check_manifest(text: str, path: str, exists: Callable[[str], bool]) -> dict:
@@ -292,12 +280,10 @@ def _check_manifest(text: str, path: str, exists: Callable[[str], bool]) -> dict
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"'{path}': not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"'{path}': not a {FORMAT} manifest")
-    if manifest.get("format") in OLD_FORMATS:
-        raise UserError(f"'{path}': shards in the older format {manifest['format']} (one JPEG per sample); "
+    if isinstance(manifest, dict) and manifest.get("format") == "dcgan-dist-shards/1":
+        raise UserError(f"'{path}': shards in the older format dcgan-dist-shards/1 (one JPEG per sample); "
                         f"re-shard with launch/shard.py to get {FORMAT}")
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
         raise UserError(f"'{path}': not a {FORMAT} manifest")
     _check_fields(manifest, path)
     if manifest["count"] == 0 or not manifest["shards"]:
@@ -308,22 +294,19 @@ def _check_manifest(text: str, path: str, exists: Callable[[str], bool]) -> dict
     return manifest
 
 
-def _is_int(value, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _check_fields(manifest: dict, path: str) -> None:
     """Every field the readers use, with the type and range the format allows: a manifest is data from
     whoever made the set, and a name in it becomes part of a path, a URL or a command."""
     def bad(what: str, expected: str):
         raise UserError(f"'{path}': {what}: expected {expected}")
 
-    if not _is_int(manifest.get("count")):
+    count = lambda value, low=0: isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if not count(manifest.get("count")):
         bad(f"count {manifest.get('count')!r}", "a count of images")
     if manifest.get("resolution") not in (32, 64, 128):
         bad(f"resolution {manifest.get('resolution')!r}", "32, 64 or 128")
     image = manifest.get("image")
-    if not isinstance(image, dict) or not _is_int(image.get("images_per_block"), 1):
+    if not isinstance(image, dict) or not count(image.get("images_per_block"), 1):
         bad("image.images_per_block", "a positive count of images per block")
     per_image = manifest["resolution"] ** 2 * 3 + JSON_PER_IMAGE_MAX
     names = set()
@@ -337,7 +320,7 @@ def _check_fields(manifest: dict, path: str) -> None:
         if name in names:
             bad(f"shard '{name}' is listed twice", "each shard once")
         names.add(name)
-        if not _is_int(entry.get("count")) or not _is_int(entry.get("bytes"), 1):
+        if not count(entry.get("count")) or not count(entry.get("bytes"), 1):
             bad(f"shard '{name}' count {entry.get('count')!r}, bytes {entry.get('bytes')!r}", "non-negative integers")
         blocks = -(-entry["count"] // image["images_per_block"])
         most = entry["count"] * per_image + (2 * blocks + 2) * (TAR_OVERHEAD + NPY_HEADER_MAX)
@@ -346,46 +329,40 @@ def _check_fields(manifest: dict, path: str) -> None:
                 f"at most {most} at {manifest['resolution']} px")
         if not isinstance(entry.get("sha256"), str) or not SHA256_HEX.match(entry["sha256"]):
             bad(f"shard '{name}' sha256 {str(entry.get('sha256'))[:80]!r}", "64 lowercase hex digits")
-    if sum(e["count"] for e in manifest["shards"]) != manifest["count"]:
-        bad(f"count {manifest['count']}", f"the sum of the shards' counts, {sum(e['count'] for e in manifest['shards'])}")
+    total = sum(e["count"] for e in manifest["shards"])
+    if total != manifest["count"]:
+        bad(f"count {manifest['count']}", f"the sum of the shards' counts, {total}")
 
 
-def verify(shard_set: ShardSet, shards: list[Shard]) -> dict[str, str]:
-    """{name: why} for each of `shards` whose bytes do not match its manifest entry. A local file is
-    hashed where it lies; a remote one is downloaded (into the set's cache, if any, for the loader)."""
-    bad = {}
-    local = [s for s in shards if not s.remote]
-    for shard in local:
-        problem = _local_problem(shard)
-        if problem:
-            bad[shard.name] = problem
-    remote_shards = [s for s in shards if s.remote]
-    for shard, data in remote.fetch_ahead(remote_shards, lambda s: fetch_shard(s, shard_set.cache)):
-        if isinstance(data, OSError):
-            bad[shard.name] = f"could not be read ({data})"
-    return bad
-
-
-def _local_problem(shard: Shard) -> Optional[str]:
-    try:
-        size = Path(shard.path).stat().st_size
-        if size != shard.bytes:
-            return f"is {size} bytes, not the {shard.bytes} its manifest gives"
-        digest = file_sha256(Path(shard.path))
-    except OSError as exc:
-        return f"could not be read ({exc.strerror})"
-    if digest != shard.sha256:
-        return "does not match the sha256 in its manifest (corrupt or changed since sharding)"
-    return None
+class Mismatch(OSError):
+    """Bytes that are not what the manifest says the shard holds."""
 
 
 def checked_bytes(shard: Shard, data: bytes) -> bytes:
-    """`data`, if it is what the manifest says shard `shard` holds; else an OSError saying how not."""
+    """`data`, if it is what the manifest says shard `shard` holds; else a Mismatch saying how not."""
     if len(data) != shard.bytes:
-        raise OSError(f"{len(data)} bytes, not the {shard.bytes} its manifest gives")
+        raise Mismatch(f"is {len(data)} bytes, not the {shard.bytes} its manifest gives")
     if hashlib.sha256(data).hexdigest() != shard.sha256:
-        raise OSError("does not match the sha256 in its manifest")
+        raise Mismatch("does not match the sha256 in its manifest (corrupt or changed since sharding)")
     return data
+
+
+def verify(shard_set: ShardSet, shards: list[Shard]) -> dict[str, str]:
+    """{name: why} for each of `shards` whose bytes do not match its manifest entry. A remote one is
+    downloaded (into the set's cache, if any, where the loader finds it)."""
+    if shard_set.remote:
+        found = remote.fetch_ahead(shards, lambda s: fetch_shard(s, shard_set.cache))
+    else:
+        found = ((s, _read_local(s)) for s in shards)
+    return {s.name: str(error) if isinstance(error, Mismatch) else f"could not be read ({error.strerror or error})"
+            for s, error in found if isinstance(error, OSError)}
+
+
+def _read_local(shard: Shard) -> Union[bytes, OSError]:
+    try:
+        return checked_bytes(shard, Path(shard.path).read_bytes())
+    except OSError as exc:
+        return exc
 
 
 _cache_checked: set[Path] = set()           # cached files hashed by this process already
@@ -419,31 +396,3 @@ def fetch_shard(shard: Shard, cache: Optional[Path] = None,
         except OSError:
             pass                          # a full or read-only cache only costs the next download
     return data
-
-
-def upload_file(path: Path, location: str, name: str) -> None:
-    """Put one local file of a shard set at `location` (remote.py), with retries; a one-line UserError if not."""
-    data = Path(path).read_bytes()
-    where = redact(remote.member(location, name))
-    try:
-        remote.with_retries(lambda: remote.upload(location, name, data), where)
-    except OSError as exc:
-        raise UserError(f"output '{where}': upload failed ({exc})") from None
-
-
-def write_shards_anywhere(source: Source, output: str, *args, **kwargs) -> dict:
-    """`write_shards` to a folder, or to a remote set (remote.py): there the shards are written to a local
-    temporary folder and uploaded one by one as they are done, and the manifest last, so a set without
-    its manifest is incomplete, as on disk."""
-    if not remote.is_remote(output):
-        return write_shards(source, Path(output), *args, **kwargs)
-    remote.member(output, MANIFEST)                  # a malformed pipe: template fails before any work
-
-    def upload(path: Path) -> None:
-        upload_file(path, output, path.name)
-        path.unlink()                                # local disk holds only the shards in flight
-
-    with tempfile.TemporaryDirectory(prefix="dcgan-shards-") as local:
-        manifest = write_shards(source, Path(local), *args, on_shard=upload, **kwargs)
-        upload_file(Path(local) / MANIFEST, output, MANIFEST)
-    return manifest

@@ -38,7 +38,7 @@ from dcgan_dist.dist.collectives import gather_all, gather_batches, on_main, red
 from dcgan_dist.dist.lifecycle import shutdown
 from dcgan_dist.dist.setup import build_eval_accelerator, ranks_on_node
 from dcgan_dist.errors import RunStopped, UserError, note, warn
-from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, safetensors_bytes
 from dcgan_dist.nets import metrics
 from dcgan_dist.nets.models import sample
 from dcgan_dist.redact import redact
@@ -216,9 +216,7 @@ def cached_features(accelerator: Accelerator, caches: list[Path], num: int) -> O
 
 
 def write_cache(feats: torch.Tensor, caches: list[Path]) -> None:
-    from safetensors.torch import save
-
-    data = save({"features": feats.float().contiguous()})
+    data = safetensors_bytes({"features": feats.float()}, {})
     for path in caches:
         try:
             atomic_write_bytes(path, data)

@@ -24,7 +24,7 @@ class Generator(nn.Module):
 
     def __init__(self, nz: int = 100, ngf: int = 64, resolution: int = 64, nc: int = 3):
         super().__init__()
-        self.nz, self.resolution = nz, resolution
+        self.nz, self.ngf, self.resolution = nz, ngf, resolution
         n = _num_doublings(resolution)
         mult = 2 ** (n - 1)                                    # 64 px: ngf*8 at 4x4, as in the paper
         layers = [

@@ -1,12 +1,10 @@
 """Everything a user watches: metrics.jsonl, the progress bar, sample PNGs and W&B.
 
-Only global rank 0 does any of it; on other ranks every method is a no-op. `WandbRun` is the one route
-to W&B. Nothing here may stop training: a failing W&B call is reported once and W&B is switched off for
-the rest of the run.
+Only global rank 0 does any of it; on other ranks every call is a no-op. `WandbRun` is the one route to
+W&B. Nothing here may stop training: a failing W&B call is said once and W&B is off for the rest of the run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import netrc
@@ -27,7 +25,7 @@ from dcgan_dist.errors import note, rank, warn
 from dcgan_dist.fsutil import atomic_write_text
 from dcgan_dist.nets.metrics import REGISTRY
 from dcgan_dist.redact import redact
-from dcgan_dist.report.plots import grid_image
+from dcgan_dist.report.plots import grid, save_image
 from dcgan_dist.run.layout import MARKER, STATE_FILE, RunLayout, valid_run_id
 from dcgan_dist.run.snapshot import FILENAME as SNAPSHOT
 from dcgan_dist.run.state import TrainerState
@@ -73,9 +71,8 @@ def server_unreachable(timeout_s: float = 3.0) -> Optional[str]:
 
 def wandb_mode(cfg: Config) -> tuple[Optional[str], str]:
     """online, offline or None (disabled), and why when that is not what was asked. Decided before
-    wandb.init, which would otherwise wait its whole init timeout on a server it cannot reach while
-    the other ranks wait on rank 0. A wandb.mode=online that cannot be is a warning; auto says why in
-    the one line that names the run."""
+    wandb.init, which would wait its whole init timeout for a server it cannot reach while the other
+    ranks wait on rank 0. wandb.mode=online that cannot be is a warning; auto says why in its one line."""
     mode = cfg.wandb.mode
     if mode == "auto":
         env = os.environ.get("WANDB_MODE", "").strip().lower()
@@ -83,10 +80,9 @@ def wandb_mode(cfg: Config) -> tuple[Optional[str], str]:
                 "disabled": "disabled"}.get(env, "auto")
     if mode in ("disabled", "offline"):
         return (None if mode == "disabled" else mode), ""
-    why = "no API key: set WANDB_API_KEY or run `wandb login` to log online" if not has_wandb_credentials() else ""
-    if not why:
-        host = server_unreachable()
-        why = f"the W&B server {host} does not answer" if host else ""
+    why = "" if has_wandb_credentials() else "no API key: set WANDB_API_KEY or run `wandb login` to log online"
+    if not why and (host := server_unreachable()):
+        why = f"the W&B server {host} does not answer"
     if why and mode == "online":
         warn(f"wandb.mode=online but {why}; logging offline instead")
         return "offline", ""
@@ -98,30 +94,16 @@ def run_id_for(run_dir: str | Path, fallback: str) -> str:
     there. Kept in run_dir from the first start, so a job killed before its first checkpoint still logs
     to the same run when rerun."""
     path = RunLayout.of(run_dir).wandb_id
-    kept = None
-    if path.is_file():
-        kept = path.read_text().strip()
-        if not valid_run_id(kept):
-            warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
-            kept = None
-    run_id = kept or fallback
-    if run_id != kept:
-        atomic_write_text(path, run_id + "\n")
-    return run_id
+    kept = path.read_text().strip() if path.is_file() else None
+    if kept is not None and not valid_run_id(kept):
+        warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
+        kept = None
+    if kept is None:
+        atomic_write_text(path, fallback + "\n")
+    return kept or fallback
 
 
-@contextlib.contextmanager
-def redacted_argv():
-    """W&B stores the command line (sys.argv) in the run's metadata; a data.shards=... or --shards there
-    may hold a credential, so it is shown the redacted one while a run starts."""
-    argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
-    try:
-        yield
-    finally:
-        sys.argv = argv
-
-
-def init_kwargs(cfg: Config, run_id: str, mode: str) -> dict:
+def _init_kwargs(cfg: Config, run_id: str, mode: str) -> dict:
     """wandb.init's arguments. A key left null is left out, so that its WANDB_* variable decides as
     wandb.init would have it; a key given beats the variable."""
     import wandb
@@ -135,10 +117,8 @@ def init_kwargs(cfg: Config, run_id: str, mode: str) -> dict:
     kwargs = dict(mode=mode, dir=str(Path(cfg.run_dir).resolve()), id=run_id, resume="allow", settings=settings,
                   project=w.project or env("WANDB_PROJECT") or "dcgan-dist",
                   name=w.name or env("WANDB_NAME") or Path(cfg.run_dir).name,
-                  job_type=w.job_type or env("WANDB_JOB_TYPE") or "train")
-    for key in ("entity", "group", "notes"):
-        if getattr(w, key) is not None:
-            kwargs[key] = getattr(w, key)
+                  job_type=w.job_type or env("WANDB_JOB_TYPE") or "train",
+                  **{key: getattr(w, key) for key in ("entity", "group", "notes") if getattr(w, key) is not None})
     if w.tags is not None:
         kwargs["tags"] = [t.strip() for t in w.tags.split(",") if t.strip()]
     return kwargs
@@ -163,9 +143,10 @@ class WandbRun:
         # a container may not be able to write; unless the user chose WANDB_DATA_DIR.
         os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout.of(cfg.run_dir).wandb / "data").resolve())
         for attempt in (mode, "offline") if mode == "online" else (mode,):
+            # W&B stores the command line, where data.shards=... may hold a credential: it sees it redacted.
+            argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
             try:
-                with redacted_argv():
-                    run = wandb.init(**init_kwargs(cfg, run_id, attempt))
+                run = wandb.init(**_init_kwargs(cfg, run_id, attempt))
                 if config is not None:            # as a config record, which launch/wandb_sync.py reads
                     run.config.update(config, allow_val_change=True)
                 where = run.url if attempt == "online" else (f"{Path(run.dir).parent} (upload it with "
@@ -174,17 +155,18 @@ class WandbRun:
                 return cls(run)
             except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
                 warn(f"W&B {attempt} start failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            finally:
+                sys.argv = argv
         warn("continuing without W&B; metrics.jsonl and samples/ still record the run")
         return None
 
     def call(self, fn) -> None:
-        if self.run is None:
-            return
-        try:
-            fn(self.run)
-        except Exception as exc:  # noqa: BLE001
-            self.run = None
-            warn(f"W&B logging failed ({type(exc).__name__}: {exc}); continuing without W&B")
+        if self.run is not None:
+            try:
+                fn(self.run)
+            except Exception as exc:  # noqa: BLE001
+                self.run = None
+                warn(f"W&B logging failed ({type(exc).__name__}: {exc}); continuing without W&B")
 
     def log(self, payload: dict, step: Optional[int] = None) -> None:
         self.call(lambda run: run.log(payload, step=step))
@@ -217,10 +199,9 @@ class WandbRun:
                 warn(f"W&B finish failed ({type(exc).__name__}: {exc}); the run's files are kept in run_dir/wandb")
 
 
-def define_metrics(run, cfg: Config) -> None:
+def define_metrics(run) -> None:
     """kimg, not W&B's step, on every chart's x-axis: the step's meaning changes with the world size. Each
-    evaluation metric also keeps its best value (lowest, or highest for precision and recall) in the run
-    summary."""
+    evaluation metric keeps its best value (lowest, or highest for precision and recall) in the summary."""
     run.define_metric("train/kimg")
     for section in ("train", "eval", "samples"):
         run.define_metric(f"{section}/*", step_metric="train/kimg")
@@ -230,43 +211,37 @@ def define_metrics(run, cfg: Config) -> None:
                               summary=("max" if metric.higher_is_better else "min") + ",last")
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: a run killed after its last checkpoint logged steps that the
-    resumed run will log again (with the same values), and each step should appear once."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    keep = [ln for ln in lines if ln.strip() and _step_of(ln) <= step]
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(keep))
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62            # a line torn by a kill mid-write: drop it
-
-
 class Tracker:
-    """Rank 0's sink for scalars, images, artifacts and the end-of-run pictures; `enabled=False` on other
-    ranks. `config` is what W&B records as the run's config."""
+    """Rank 0's sink for scalars, images, artifacts and the end-of-run pictures; `enabled` is False on the
+    other ranks. `config` is what W&B records as the run's config."""
 
     def __init__(self, cfg: Config, state: TrainerState, config: dict, manifest_digest: str):
         self.cfg, self.run_id, self.manifest_digest = cfg, state.wandb_run_id, manifest_digest
-        self.enabled = rank() == 0
-        self.layout = RunLayout.of(cfg.run_dir)
+        self.enabled, self.layout, self.bar, self.t0 = rank() == 0, RunLayout.of(cfg.run_dir), None, time.time()
         self.wandb = WandbRun.start(cfg, self.run_id, config) if self.enabled else None
         if self.wandb is not None:
-            self.wandb.call(lambda run: define_metrics(run, cfg))
-        self.bar = None
+            self.wandb.call(define_metrics)
         if self.enabled:
             self.layout.samples.mkdir(parents=True, exist_ok=True)
-            _truncate_after(self.layout.metrics, state.step)
+            self._truncate_after(state.step)
             self.metrics = open(self.layout.metrics, "a", buffering=1)     # a resumed run continues the file
             self.bar = tqdm(total=cfg.train.steps, initial=state.step, unit="step", dynamic_ncols=True,
                             desc="training", smoothing=0.05, mininterval=1.0)
-        self.t0 = time.time()
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop metric rows past `step`: a run killed after its last checkpoint logged steps that the resumed
+        run logs again (with the same values), and each step should appear once. A torn row goes too."""
+        def step_of(line: str) -> int:
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                return 1 << 62
+
+        path = self.layout.metrics
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        keep = [ln for ln in lines if ln.strip() and step_of(ln) <= step]
+        if len(keep) != len(lines):
+            atomic_write_text(path, "".join(keep))
 
     @property
     def use_wandb(self) -> bool:
@@ -277,36 +252,28 @@ class Tracker:
             self.bar.update(1)
 
     def scalars(self, step: int, values: dict, section: str = "train") -> None:
-        """One metrics.jsonl row and one W&B log. A training row (section "train") has the loss keys;
-        any other section's row (an evaluation: section "eval", {"fid": ...}) is stored with its keys
-        prefixed ("eval/fid"), beside "kimg", and can hold any keys at all."""
+        """One metrics.jsonl row and one W&B log, kimg beside the values. An evaluation's row (section
+        "eval") has its keys prefixed ("eval/fid") in both."""
         if not self.enabled:
             return
-        rounded = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
-        if section != "train":
-            rounded = {(k if k == "kimg" else f"{section}/{k}"): v for k, v in rounded.items()}
-        row = {"step": step, **rounded, "time": round(time.time() - self.t0, 3)}
-        self.metrics.write(json.dumps(row) + "\n")
+        row = {(k if section == "train" or k == "kimg" else f"{section}/{k}"):
+               (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in values.items()}
+        self.metrics.write(json.dumps({"step": step, **row, "time": round(time.time() - self.t0, 3)}) + "\n")
         if section == "train":
             self.bar.set_postfix(kimg=f"{values['kimg']:.1f}", img_s=f"{values['images_per_s']:.0f}",
                                  loss_d=f"{values['loss_d']:.3f}", loss_g=f"{values['loss_g']:.3f}", refresh=False)
         else:
             note(f"{section} at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()
                                                           if isinstance(v, float)))
-        logged = {(k if "/" in k else f"{section}/{k}"): v for k, v in
-                  (values.items() if section == "train" else rounded.items())}
-        logged["train/kimg"] = logged.pop(f"{section}/kimg")      # the x-axis of every chart
-        if self.use_wandb:
-            self.wandb.log(logged, step=step)
+        if self.use_wandb:       # kimg is the x-axis of every chart
+            self.wandb.log({("train/kimg" if k == "kimg" else k if "/" in k else f"train/{k}"): v
+                            for k, v in row.items()}, step=step)
 
     def images(self, step: int, kimg: float, name: str, images: torch.Tensor, path: Path) -> None:
         """Save a grid of images in [-1, 1] to `path` (one of self.layout's) and send it to W&B."""
         if not self.enabled:
             return
-        grid = grid_image(images, nrow=int(math.sqrt(len(images)) + 0.5))
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        save_image(grid(images, nrow=int(math.sqrt(len(images)) + 0.5)), path)
         if self.use_wandb:
             import wandb
 
@@ -322,13 +289,11 @@ class Tracker:
 
         from dcgan_dist.data.celeba import ATTRIBUTE_NAMES
 
-        names = list(ATTRIBUTE_NAMES)
         rows = []
         for i, (img, probs) in enumerate(zip(images_u8, probabilities.tolist())):
-            top = sorted(zip(probs, names), reverse=True)[:3]
-            rows.append([wandb.Image(img.permute(1, 2, 0).numpy()), i, step, kimg,
-                         ", ".join(f"{n} {p:.2f}" for p, n in top)] + [round(p, 4) for p in probs])
-        table = wandb.Table(columns=["image", "index", "step", "kimg", "top"] + names, data=rows)
+            top = ", ".join(f"{n} {p:.2f}" for p, n in sorted(zip(probs, ATTRIBUTE_NAMES), reverse=True)[:3])
+            rows.append([wandb.Image(img.permute(1, 2, 0).numpy()), i, step, kimg, top] + [round(p, 4) for p in probs])
+        table = wandb.Table(columns=["image", "index", "step", "kimg", "top", *ATTRIBUTE_NAMES], data=rows)
         self.wandb.log({"samples/table": table, "train/kimg": kimg}, step=step)
 
     def saved(self, path: Path, state: TrainerState, best: bool, final: bool) -> None:
@@ -343,8 +308,7 @@ class Tracker:
     def relog_best(self) -> None:
         """At every start: the best checkpoint's generator as the model artifact, again. wandb writes an
         artifact's record only once it has staged the file, so a best found shortly before a kill can be
-        missing from the killed segment's run file; logging it again costs one more version only where
-        it was lost."""
+        missing from the killed segment's run file; logging it again costs a version only where it was lost."""
         best = self.layout.best
         if not (self.use_wandb and (best / MARKER).is_file() and (best / SNAPSHOT).is_file()):
             return
@@ -357,12 +321,11 @@ class Tracker:
     def _artifacts(self, path: Path, state: TrainerState, aliases: list[str], generator: bool, full: bool) -> None:
         if not self.use_wandb:
             return
-        cfg = self.cfg
+        model = self.cfg.model
         metadata = {"step": state.step, "kimg": state.kimg, "metrics": state.last_eval, "best": state.best,
                     "run_id": self.run_id, "shards_manifest_digest": self.manifest_digest,
-                    "model": {"resolution": cfg.model.resolution, "nz": cfg.model.nz, "ngf": cfg.model.ngf,
-                              "ndf": cfg.model.ndf}}
-        if generator and cfg.wandb.log_model:
+                    "model": {"resolution": model.resolution, "nz": model.nz, "ngf": model.ngf, "ndf": model.ndf}}
+        if generator and self.cfg.wandb.log_model:
             self.wandb.artifact(f"generator-{self.run_id}", "model", {SNAPSHOT: path / SNAPSHOT}, aliases, metadata)
         if full:
             files = {str(f.relative_to(path)): f for f in sorted(path.rglob("*")) if f.is_file()}
@@ -370,12 +333,11 @@ class Tracker:
 
     def report(self, pictures: dict[str, Path]) -> None:
         """The end-of-run pictures, to W&B under report/<name>."""
-        if not (self.use_wandb and pictures):
-            return
-        import wandb
+        if self.use_wandb and pictures:
+            import wandb
 
-        media = lambda p: wandb.Video(str(p), format="gif") if p.suffix == ".gif" else wandb.Image(str(p))
-        self.wandb.log({f"report/{name}": media(path) for name, path in pictures.items()})
+            media = lambda p: wandb.Video(str(p), format="gif") if p.suffix == ".gif" else wandb.Image(str(p))
+            self.wandb.log({f"report/{name}": media(path) for name, path in pictures.items()})
 
     def close(self) -> None:
         if self.bar is not None:

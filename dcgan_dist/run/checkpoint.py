@@ -32,7 +32,7 @@ from accelerate import Accelerator
 
 from dcgan_dist.dist.collectives import broadcast_from_main, gather_all
 from dcgan_dist.errors import RunStopped, UserError, warn
-from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir
+from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, file_sha256, fsync_dir, safetensors_bytes
 from dcgan_dist.run.layout import MARKER, STATE_FILE, RunLayout
 from dcgan_dist.run.state import TrainerState
 
@@ -59,7 +59,7 @@ def save(accelerator: Accelerator, final: Path, nets, state: TrainerState, extra
     def write_all() -> None:
         atomic_write_text(tmp / rng_file(accelerator.process_index), json.dumps(rng_state()))
         if main:
-            atomic_write_bytes(tmp / NETS, _tensor_bytes(net_tensors(nets)))
+            atomic_write_bytes(tmp / NETS, safetensors_bytes(net_tensors(nets), {}))
             atomic_write_bytes(tmp / OPTIMIZERS, optimizer_bytes(nets))
             if accelerator.scaler is not None:
                 atomic_write_text(tmp / SCALER, json.dumps(accelerator.scaler.state_dict()))
@@ -92,13 +92,7 @@ def optimizer_bytes(nets) -> bytes:
                     raise TypeError(f"{prefix} state '{key}' is a {type(value).__name__}, not a tensor")
                 tensors[f"{prefix}.{index}.{key}"] = value
         groups[prefix] = state["param_groups"]
-    return _tensor_bytes(tensors, {"param_groups": json.dumps(groups)})
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> bytes:
-    from safetensors.torch import save as save_tensors
-
-    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return safetensors_bytes(tensors, {"param_groups": json.dumps(groups)})
 
 
 def rng_state() -> dict:
@@ -220,13 +214,6 @@ def read_file(path: Path, marker: dict, name: str) -> bytes:
     if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise altered
     return data
-
-
-def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """A safetensors file of a checkpoint, checked against COMPLETE."""
-    from safetensors.torch import load
-
-    return load(read_file(path, read_marker(path), name))
 
 
 def load(accelerator: Accelerator, path: Path, nets) -> tuple[TrainerState, bool]:

@@ -34,7 +34,7 @@ from dcgan_dist.dist.lifecycle import StopRequest, peer_lost, shutdown
 from dcgan_dist.dist.setup import (autocast, bare, build_accelerator, describe, loader_workers, prepare,
                                    use_cuda_graph)
 from dcgan_dist.errors import RunStopped, UserError, note, warn
-from dcgan_dist.eval.attributes import probabilities, scorer_for
+from dcgan_dist.eval.attributes import scorer_for
 from dcgan_dist.eval.evaluate import Evaluation, Protocol, network_digest
 from dcgan_dist.fsutil import atomic_write_bytes, atomic_write_text, probe_writable
 from dcgan_dist.nets import metrics
@@ -281,7 +281,7 @@ class Trainer:
             self.save(best=True)
         if self.scorer is not None:
             images = metrics.to_uint8(sample(self.nets.ema.module, self.fixed_z)).cpu()
-            self.tracker.samples_table(state.step, state.kimg, images, probabilities(self.scorer, images))
+            self.tracker.samples_table(state.step, state.kimg, images, torch.sigmoid(self.scorer.logits(images)))
         self.interval_t += time.time() - started          # images_per_s counts training time only
 
     def save(self, best: bool = False) -> None:
@@ -297,9 +297,7 @@ class Trainer:
         replicas = check_replicas(acc, {"G": self.nets.G_local, "D": self.nets.D_local})
         extra = {}
         if self.main:
-            snapshot = snapshot_bytes(self.nets.ema.module, resolution=cfg.model.resolution, nz=cfg.model.nz,
-                                      ngf=cfg.model.ngf, step=state.step, kimg=state.kimg, metrics=state.last_eval,
-                                      shards=self.full_set.shown)
+            snapshot = snapshot_bytes(self.nets.ema.module, state.step, state.kimg, state.last_eval, self.full_set.shown)
             extra = {"replicas.json": json.dumps(replicas, indent=1, sort_keys=True).encode(), SNAPSHOT: snapshot}
         path = checkpoint.save(acc, self.layout.best if best else self.layout.step_dir(state.step), self.nets,
                                state, extra)
