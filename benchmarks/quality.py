@@ -75,7 +75,7 @@ def load_generators(run_dir: Path, steps: int) -> dict[str, torch.nn.Module]:
     cfg = load_config(run_dir / "config.yaml")
     from safetensors.torch import load
 
-    ckpt = RunLayout.of(run_dir).step_dir(steps)
+    ckpt = RunLayout(run_dir).step_dir(steps)
     tensors = load(read_file(ckpt, read_marker(ckpt), NETS))
     out = {}
     for kind, prefix in (("raw", "G."), ("ema", "ema.")):

@@ -29,7 +29,7 @@ def main() -> None:
 
     from dcgan_dist.report.wandb_sync import sync
 
-    sys.exit(sync(args.run_dir, args.wandb, args.dry_run, args.all, args.project, args.entity))
+    sys.exit(sync(args))
 
 
 if __name__ == "__main__":

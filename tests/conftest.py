@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,46 @@ def shards32(celeba_parent, tmp_path_factory) -> Path:
     write_shards(open_source(celeba_parent, "train"), out,
                  Sharding(resolution=32, split="train", shard_size=50, workers=2, progress=False, images_per_block=16))
     return out
+
+
+def once(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session by whichever pytest-xdist worker asks first; the others wait
+    for it. For what several modules read and none changes: one trained generator, not one per module."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if xdist_worker() is not None else root
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".made").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            make(out)
+            (out / ".made").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def faces32(tmp_path_factory) -> Path:
+    """1,200 synthetic faces at 32 px with their attributes: enough for the attribute classifier to show
+    what it learned, and for a generator to beat an untrained one by every metric."""
+    def make(out: Path) -> None:
+        write_celeba(out / "source", num=1200, seed=5, progress=False)
+        write_shards(open_source(out / "source", "all"), out / "shards",
+                     Sharding(resolution=32, split="all", shard_size=400, workers=2, progress=False, images_per_block=64))
+
+    return once(tmp_path_factory, "faces32", make) / "shards"
+
+
+@pytest.fixture(scope="session")
+def trained32(faces32, tmp_path_factory) -> Path:
+    """A generator trained on faces32 for 300 steps (19.2 kimg), with checkpoints at 150 and 300, a best
+    checkpoint by SWD and an offline W&B run: what test_generate and test_evaluate use."""
+    keys = {"model.ngf": 32, "model.ndf": 32, "data.batch_size": 64, "train.steps": 300, "train.log_every": 50,
+            "train.sample_every": 300, "train.ckpt_every": 150, "train.num_samples": 64, "eval.num_images": 64,
+            "eval.every_kimg": 9.6, "wandb.mode": "offline"}
+    return once(tmp_path_factory, "trained32", lambda out: train_small(faces32, out, **keys))
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:

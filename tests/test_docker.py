@@ -80,7 +80,7 @@ def _matches(path: str, pattern: str) -> bool:
 def build_context() -> list[str]:
     """The files `docker build .` sends, by .dockerignore's rules as Docker applies them (the last
     matching pattern decides; `!` lets a path back in), from the checkout plus docker/wandb.env, the
-    file docker/README.md tells users to create."""
+    file docs/DEPLOY.md tells users to create."""
     rules = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     files = subprocess.run(["git", "ls-files", "--cached", "--others"], cwd=ROOT, capture_output=True,
@@ -205,14 +205,14 @@ def test_pytorchjob_restarts_preemptions_only_runs_the_documented_command_locked
     job = pytorchjob()
     assert job["kind"] == "PyTorchJob" and job["apiVersion"] == "kubeflow.org/v1"
     gpus = job["spec"]["nprocPerNode"]
-    readme = (DOCKER / "README.md").read_text()
+    readme = (ROOT / "docs/DEPLOY.md").read_text()
     for role, spec in job["spec"]["pytorchReplicaSpecs"].items():
         assert spec["restartPolicy"] == "ExitCode", role           # 128-255 restart, 1-127 fail the job
         pod = spec["template"]["spec"]
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"
         assert container["args"] == exec_form("CMD"), role
-        assert shlex.join(container["args"]) in readme, "docker/README.md must document the job's command"
+        assert shlex.join(container["args"]) in readme, "docs/DEPLOY.md must document the job's command"
         env = container_env(container)
         assert int(env["PREEMPTED_EXIT_CODE"]["value"]) >= 128, "a preemption must be retryable"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus

@@ -8,31 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run, saved_net, train_small
+from conftest import run, saved_net
 from dcgan_dist.data.celeba import open_source
 from dcgan_dist.data.shards import Sharding, write_shards
-from dcgan_dist.data.synthetic import write_celeba
 
 DRAWN = ("Smiling", "Male", "Eyeglasses", "Black_Hair", "Blond_Hair", "Wearing_Lipstick", "Mouth_Slightly_Open")
 
 
 @pytest.fixture(scope="module")
-def faces32(tmp_path_factory) -> Path:
-    """1,200 synthetic faces at 32 px: enough for the classifier to show what it learned."""
-    parent = tmp_path_factory.mktemp("faces")
-    write_celeba(parent, num=1200, seed=5, progress=False)
-    out = tmp_path_factory.mktemp("faces32")
-    write_shards(open_source(parent, "all"), out,
-                 Sharding(resolution=32, split="all", shard_size=400, workers=2, progress=False, images_per_block=64))
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(faces32, tmp_path_factory) -> Path:
-    return train_small(faces32, tmp_path_factory.mktemp("gen-run"), **{
-        "model.ngf": 32, "model.ndf": 32, "data.batch_size": 64, "train.steps": 300, "train.log_every": 50,
-        "train.sample_every": 300, "train.ckpt_every": 150, "train.num_samples": 64, "eval.num_images": 64,
-        "eval.every_kimg": 9.6, "wandb.mode": "disabled"})
+def trained(trained32) -> Path:
+    return trained32
 
 
 def generate(*args, timeout=300):

@@ -439,7 +439,7 @@ def test_caches_beside_the_shards_follow_the_manifest(celeba_parent, shards32, t
                                                  "eval.batch_per_rank": 8, "eval.every_kimg": None})
         assert out.returncode == 0, out.stderr[-2000:]
         assert any("eval/fid" in r for r in metrics(run_dir))
-        net, meta = classifier_for(d, progress=False)
+        net, meta = classifier_for(d)
         assert meta["manifest_digest"] == digests[-1]
     assert digests[0] != digests[1]
     cached = sorted((d / "eval-cache").glob("*.safetensors"))

@@ -1,25 +1,16 @@
-"""Run `accelerate launch ...` so that a stop by signal is a clean, resumable exit with a known code.
+"""Run `accelerate launch ...` so that a stop by signal is a clean, resumable exit with a known code:
 
     python -m dcgan_dist.dist.supervise -- accelerate launch ... launch/train.py ARGS
 
-docker/entrypoint.sh runs every training job through this, in the images, under Slurm and on
-Kubernetes. Without it, a SIGTERM reaches torchrun (the launcher inside `accelerate launch`), which
-forwards it to the ranks, kills them with SIGKILL 30 s later whether or not their checkpoint is
-written, and exits 1 with a SignalException: every restart policy then sees a preemption as a crash.
-
-Here the launcher ignores SIGTERM and SIGINT (PET_SIGNALS_TO_HANDLE leaves them out), and
-this process forwards them to the ranks themselves: they stop together at the next step boundary,
-write a checkpoint and exit 0, and the only deadline is the grace period of whoever sent the signal
-(`docker stop -t`, terminationGracePeriodSeconds, Slurm's KillWait). The exit code then says what
-happened (README.md, "Exit codes"):
-
-    0                      finished; or stopped by a signal, PREEMPTED_EXIT_CODE unset
-    PREEMPTED_EXIT_CODE    stopped by a signal, or by the loss of another machine: resume by restarting
-    4                      another machine was lost, PREEMPTED_EXIT_CODE unset
-    1, 3, ...              a real failure: the first failing rank's own code (1 if none told)
-
-Every rank tells its exit code in a file under DCGAN_EXIT_REPORT_DIR (errors.report_exit), because
-torchrun reports 1 for any failed rank.
+docker/entrypoint.sh runs every training job through this (images, Slurm, Kubernetes). Left to itself,
+torchrun forwards a SIGTERM to the ranks, SIGKILLs them 30 s later whether or not their checkpoint is
+written, and exits 1: every restart policy would see a preemption as a crash. Here torchrun ignores
+SIGTERM and SIGINT and this process forwards them to the ranks, which stop together at the next step
+boundary with a checkpoint; the only deadline is the sender's grace period. The exit code says what
+happened (docs/DEPLOY.md, "Exit codes"): 0 finished, or stopped by a signal with PREEMPTED_EXIT_CODE
+unset; PREEMPTED_EXIT_CODE stopped by a signal or a lost machine (resume by restarting); 4 a lost
+machine, PREEMPTED_EXIT_CODE unset; anything else a real failure, the first failing rank's own code,
+which each rank writes under DCGAN_EXIT_REPORT_DIR (errors.report_exit) since torchrun reports 1.
 """
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ def run_dir_of(snapshot: Path) -> Optional[Path]:
     run_dir/checkpoints/<step-N|best>/generator.safetensors; None for a file elsewhere."""
     folder = snapshot.resolve().parent
     for candidate in (folder, folder.parent.parent):
-        if RunLayout.of(candidate).config.is_file() and (candidate / "checkpoints").is_dir():
+        if RunLayout(candidate).config.is_file() and (candidate / "checkpoints").is_dir():
             return candidate
     return None
 
@@ -263,7 +263,7 @@ def _open(acc: Accelerator, args) -> tuple[Path, torch.nn.Module, dict, ShardSet
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(snapshot)
     shards = args.shards or meta["shards"]
     if not shards and run_dir is not None:
-        shards = load_config(RunLayout.of(run_dir).config).data.shards
+        shards = load_config(RunLayout(run_dir).config).data.shards
     if not shards or "***" in shards:
         raise UserError(f"--checkpoint '{snapshot}': it does not say which shards it was trained on "
                         f"({shards or 'none'}): pass --shards")
@@ -337,7 +337,7 @@ def _summary_to_wandb(run_dir: Path, summary: dict[str, float]) -> None:
     from dcgan_dist.report.track import WandbRun
     from dcgan_dist.run.layout import valid_run_id
 
-    layout = RunLayout.of(run_dir)
+    layout = RunLayout(run_dir)
     if not layout.wandb_id.is_file():
         return
     run_id = layout.wandb_id.read_text().strip()

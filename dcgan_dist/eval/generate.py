@@ -40,7 +40,7 @@ def resolve_snapshot(path: str | Path) -> Path:
         raise UserError(f"--checkpoint '{p}': no such file or directory")
     if p.is_file():
         return p
-    layout = RunLayout.of(p)
+    layout = RunLayout(p)
     for candidate in (p / FILENAME if not layout.checkpoints.is_dir() else None, layout.best / FILENAME,
                       (layout.latest_checkpoint() or layout.checkpoints) / FILENAME, layout.generator):
         if candidate is not None and candidate.is_file():

@@ -147,7 +147,7 @@ def real_vs_fake(layout: RunLayout, out: Path) -> bool:
 
 def write_report(run_dir: Path) -> dict[str, Path]:
     """Draw what can be drawn; returns {name: path} of the pictures written."""
-    layout, written = RunLayout.of(run_dir), {}
+    layout, written = RunLayout(run_dir), {}
     for name, draw, out in (("loss_curves", loss_curves, "loss_curves.png"), ("progress", progress_gif, "progress.gif"),
                             ("real_vs_fake", real_vs_fake, "real_vs_fake.png")):
         try:

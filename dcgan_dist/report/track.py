@@ -93,7 +93,7 @@ def run_id_for(run_dir: str | Path, fallback: str) -> str:
     """The run_dir's W&B run id (rank 0), or `fallback` (the checkpoint's id, else a new one) written
     there. Kept in run_dir from the first start, so a job killed before its first checkpoint still logs
     to the same run when rerun."""
-    path = RunLayout.of(run_dir).wandb_id
+    path = RunLayout(run_dir).wandb_id
     kept = path.read_text().strip() if path.is_file() else None
     if kept is not None and not valid_run_id(kept):
         warn(f"{path} holds no W&B run id (expected up to 64 letters and digits); writing a new one")
@@ -141,7 +141,7 @@ class WandbRun:
 
         # Staged artifact files wait for `wandb sync` inside the run folder, not in a home directory that
         # a container may not be able to write; unless the user chose WANDB_DATA_DIR.
-        os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout.of(cfg.run_dir).wandb / "data").resolve())
+        os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str((RunLayout(cfg.run_dir).wandb / "data").resolve())
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             # W&B stores the command line, where data.shards=... may hold a credential: it sees it redacted.
             argv, sys.argv = sys.argv, [redact(a) for a in sys.argv]
@@ -217,7 +217,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, state: TrainerState, config: dict, manifest_digest: str):
         self.cfg, self.run_id, self.manifest_digest = cfg, state.wandb_run_id, manifest_digest
-        self.enabled, self.layout, self.bar, self.t0 = rank() == 0, RunLayout.of(cfg.run_dir), None, time.time()
+        self.enabled, self.layout, self.bar, self.t0 = rank() == 0, RunLayout(cfg.run_dir), None, time.time()
         self.wandb = WandbRun.start(cfg, self.run_id, config) if self.enabled else None
         if self.wandb is not None:
             self.wandb.call(define_metrics)

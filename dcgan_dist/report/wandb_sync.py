@@ -65,7 +65,7 @@ def read_segment(folder: Path) -> Optional[Segment]:
 def plan(run_dir: Path, include_synced: bool = False) -> tuple[str, list[Segment], list[str]]:
     """The run id, its segments to upload in start order (cut where a later one takes over), and one
     note per folder left out."""
-    wandb_dir = RunLayout.of(run_dir).wandb
+    wandb_dir = RunLayout(run_dir).wandb
     folders = sorted(wandb_dir.glob("offline-run-*")) if wandb_dir.is_dir() else []
     if not folders:
         raise UserError(f"'{wandb_dir}': no offline W&B runs (offline-run-*) to upload")
@@ -76,7 +76,7 @@ def plan(run_dir: Path, include_synced: bool = False) -> tuple[str, list[Segment
             notes.append(f"{folder.name}: no readable run file, left out")
         else:
             segments.append(seg)
-    id_file = RunLayout.of(run_dir).wandb_id
+    id_file = RunLayout(run_dir).wandb_id
     run_id = id_file.read_text().strip() if id_file.is_file() else ""
     if not valid_run_id(run_id):
         if not segments:
@@ -156,7 +156,7 @@ def missing_steps(run_dir: Path, segments: list[Segment]) -> list[int]:
     resumed from."""
     from dcgan_dist.report.plots import read_rows
 
-    train, _ = read_rows(RunLayout.of(run_dir).metrics)
+    train, _ = read_rows(RunLayout(run_dir).metrics)
     logged = {row["step"] for row in train if "loss_d" in row and isinstance(row.get("step"), int)}
     first = min((s.start_step for s in segments), default=0)
     uploaded = {step for seg in segments for step in seg.kept}
@@ -186,29 +186,29 @@ def describe(run_id: str, segments: list[Segment], notes: list[str], missing: li
     return "\n".join(lines + [f"  skipped {n}" for n in notes])
 
 
-def sync(run_dir: Path, wandb_cli: Optional[str], dry_run: bool = False, include_synced: bool = False,
-         project: Optional[str] = None, entity: Optional[str] = None) -> int:
+def sync(args) -> int:
+    """launch/wandb_sync.py's work, given its flags (run_dir, wandb, dry_run, all, project, entity)."""
     from dcgan_dist.report.track import has_wandb_credentials
 
+    run_dir = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"'{run_dir}': no such run folder")
-    run_id, segments, notes = plan(run_dir, include_synced)
+    run_id, segments, notes = plan(run_dir, args.all)
     partial = any("uploaded before" in n for n in notes)        # then the gaps cannot be told
     print(describe(run_id, segments, notes, [] if partial else missing_steps(run_dir, segments)), flush=True)
     if not segments:
         print("nothing to upload", flush=True)
         return 0
-    cli = wandb_cli or shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
-    wandb_dir = RunLayout.of(run_dir).wandb
-    if dry_run:
-        print("dry run: would run: " + " ".join(sync_command(cli, run_id, [s.folder for s in segments],
-                                                             project or segments[-1].project,
-                                                             entity or segments[-1].entity)), flush=True)
+    cli = args.wandb or shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    wandb_dir, project, entity = RunLayout(run_dir).wandb, args.project or segments[-1].project, \
+        args.entity or segments[-1].entity
+    if args.dry_run:
+        print("dry run: would run: " + " ".join(sync_command(cli, run_id, [s.folder for s in segments], project,
+                                                             entity)), flush=True)
         return 0
     if not has_wandb_credentials():
         raise UserError("no W&B API key (set WANDB_API_KEY or run `wandb login`); nothing was uploaded")
-    folders = [cut(seg, wandb_dir / "sync") for seg in segments]
-    cmd = sync_command(cli, run_id, folders, project or segments[-1].project, entity or segments[-1].entity)
+    cmd = sync_command(cli, run_id, [cut(seg, wandb_dir / "sync") for seg in segments], project, entity)
     print("running: " + " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:

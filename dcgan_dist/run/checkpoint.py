@@ -145,7 +145,7 @@ def _all_or_none(accelerator: Accelerator, write, tmp: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)        # frees what it took, and leaves nothing half-written
     rank, reason = failed[0]
-    kept = RunLayout.of(tmp.parent.parent).latest_checkpoint()
+    kept = RunLayout(tmp.parent.parent).latest_checkpoint()
     raise RunStopped(f"could not write checkpoint '{tmp.name.removeprefix('.tmp-')}' in '{tmp.parent}' (rank {rank}: "
                      f"{reason}); stopping. The newest complete checkpoint is {kept or 'none'}: free space "
                      "and rerun the same command to resume from it")
@@ -166,7 +166,7 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 def recover_best(run_dir: str | Path) -> Optional[Path]:
     """checkpoints/best if complete, after undoing a replacement killed half-way; else None."""
-    best = RunLayout.of(run_dir).best
+    best = RunLayout(run_dir).best
     old = best.with_name(f".old-{best.name}")
     if not best.exists() and (old / MARKER).is_file():
         os.replace(old, best)
@@ -175,7 +175,7 @@ def recover_best(run_dir: str | Path) -> Optional[Path]:
 
 def rotate(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints. Never touches the newest one."""
-    for _, path in RunLayout.of(run_dir).complete_checkpoints()[:-max(1, keep)]:
+    for _, path in RunLayout(run_dir).complete_checkpoints()[:-max(1, keep)]:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -283,7 +283,7 @@ def resume(accelerator: Accelerator, run_dir: str | Path, nets) -> tuple[Optiona
     read it, all fall back to the one before together, and rank 0 names it and why. If checkpoints
     exist but none loads, stop rather than silently start over and rotate the user's checkpoints away.
     """
-    layout = RunLayout.of(run_dir)
+    layout = RunLayout(run_dir)
     names = broadcast_from_main(accelerator, [p.name for _, p in layout.complete_checkpoints(warn_incomplete=True)])
     for name in reversed(names):
         path = layout.checkpoints / name

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,44 +27,23 @@ STATE_FILE = "trainer_state.json"
 _STEP_NAME = re.compile(r"^step-(\d{8})$")
 
 
-@dataclass(frozen=True)
 class RunLayout:
-    root: Path
+    """The paths of one run folder (the list above)."""
 
-    @classmethod
-    def of(cls, run_dir: str | Path) -> "RunLayout":
-        return cls(Path(run_dir))
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def facts(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def wandb_id(self) -> Path:
-        return self.root / "wandb-run-id"
-
-    @property
-    def wandb(self) -> Path:
-        return self.root / "wandb"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "LOCK"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def __init__(self, run_dir: str | Path):
+        root = self.root = Path(run_dir)
+        self.config, self.facts, self.wandb_id, self.lock = (root / "config.yaml", root / "run.json",
+                                                             root / "wandb-run-id", root / "LOCK")
+        self.metrics, self.generator, self.samples, self.wandb = (root / "metrics.jsonl", root / "generator.safetensors",
+                                                                  root / "samples", root / "wandb")
+        self.checkpoints = root / "checkpoints"
+        self.best, self.reals = self.checkpoints / "best", self.samples / "reals.png"
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}"
+
+    def fakes(self, step: int, raw: bool = False) -> Path:
+        return self.samples / f"{'raw' if raw else 'fakes'}-{step:08d}.png"
 
     def complete_checkpoints(self, warn_incomplete: bool = False) -> list[tuple[int, Path]]:
         """(step, path) of every complete step checkpoint, oldest first; incomplete ones are skipped."""
@@ -84,25 +62,6 @@ class RunLayout:
     def latest_checkpoint(self) -> Optional[Path]:
         done = self.complete_checkpoints()
         return done[-1][1] if done else None
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best"
-
-    @property
-    def generator(self) -> Path:
-        return self.root / "generator.safetensors"
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "samples"
-
-    def fakes(self, step: int, raw: bool = False) -> Path:
-        return self.samples / f"{'raw' if raw else 'fakes'}-{step:08d}.png"
-
-    @property
-    def reals(self) -> Path:
-        return self.samples / "reals.png"
 
 
 def valid_run_id(value) -> bool:

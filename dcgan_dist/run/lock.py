@@ -1,19 +1,12 @@
 """One job per run_dir: a lock file that names its holder, with stale-lock detection.
 
-Two jobs writing one run_dir (an easy mistake on shared storage) would interleave checkpoints and
-rotate each other's away. Global rank 0 holds `run_dir/LOCK` for the whole run. It holds JSON naming
-the host, PID namespace, PID and process start time of the holder, and a thread touches it every
-HEARTBEAT_S seconds.
-
-A lock is stale, and is taken over with a note, when:
-- its holder was on this host, in this PID namespace, and that process is gone (or its PID now belongs
-  to another process): decided at once;
-- otherwise (another machine or container), when it has had no heartbeat for STALE_AFTER_S seconds. A
-  new job waits that long for a recent heartbeat to go stale or to beat again, instead of refusing: a
-  job restarted right after a kill (Kubernetes, Slurm requeue) must not count as a failure.
-
-A holder that stalls past STALE_AFTER_S (a stopped process, a hung mount) can find its lock taken over;
-it then stops before its next save (`check`), so two jobs never write one run_dir's checkpoints.
+Two jobs writing one run_dir (easy on shared storage) would interleave checkpoints and rotate each other's
+away. Global rank 0 holds `run_dir/LOCK` (JSON: host, PID namespace, PID and start time of the holder) and
+touches it every HEARTBEAT_S. A lock is stale, and taken over with a note, when its holder was in this
+PID namespace and is gone (decided at once), or otherwise when it has had no heartbeat for STALE_AFTER_S:
+a new job waits that long rather than refusing, since a job restarted right after a kill (Kubernetes,
+Slurm requeue) is not a failure. A holder that stalls past that (a stopped process, a hung mount) finds
+its lock taken and stops before its next save (`check`).
 """
 from __future__ import annotations
 

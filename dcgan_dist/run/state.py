@@ -49,31 +49,22 @@ class TrainerState:
         if raw.get("schema") != SCHEMA:
             raise ValueError(f"schema {raw.get('schema')!r}, which this version does not read (it reads {SCHEMA})")
         known = {f.name for f in dataclasses.fields(cls)}
-        state = cls(**{k: v for k, v in raw.items() if k in known})
-        state.check()
-        return state
-
-    def check(self) -> None:
-        def fail(what: str) -> None:
-            raise ValueError(what)
-
-        for name in ("step", "images_seen", "skipped_d", "skipped_g", "data_errors"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(f"'{name}' is not a count ({value!r})")
-        for name in ("global_batch", "world_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                fail(f"'{name}' is not a positive count ({value!r})")
-        if self.wandb_run_id is not None and not valid_run_id(self.wandb_run_id):
-            fail("a W&B run id that is not a short alphanumeric string")
-        if not isinstance(self.excluded_shards, list) or not all(isinstance(s, str) for s in self.excluded_shards):
-            fail("'excluded_shards' is not a list of names")
-        if not isinstance(self.last_eval, dict):
-            fail("'last_eval' is not a mapping")
-        ranked = isinstance(self.best, dict) and {"metric", "value", "step"} <= set(self.best)
-        if self.best is not None and not ranked:
-            fail("'best' lacks its metric, value or step")
-        if self.mixed_precision is not None and not isinstance(self.mixed_precision, str):
-            fail("'mixed_precision' is not a name")
-
+        s = cls(**{k: v for k, v in raw.items() if k in known})
+        count = lambda v, low=0: isinstance(v, int) and not isinstance(v, bool) and v >= low
+        problems = [f"'{n}' is not a count ({getattr(s, n)!r})" for n in ("step", "images_seen", "skipped_d",
+                                                                           "skipped_g", "data_errors")
+                    if not count(getattr(s, n))]
+        problems += [f"'{n}' is not a positive count ({getattr(s, n)!r})" for n in ("global_batch", "world_size")
+                     if getattr(s, n) is not None and not count(getattr(s, n), 1)]
+        checks = {"a W&B run id that is not a short alphanumeric string": s.wandb_run_id is None or
+                  valid_run_id(s.wandb_run_id),
+                  "'excluded_shards' is not a list of names": isinstance(s.excluded_shards, list) and
+                  all(isinstance(x, str) for x in s.excluded_shards),
+                  "'last_eval' is not a mapping": isinstance(s.last_eval, dict),
+                  "'best' lacks its metric, value or step": s.best is None or
+                  isinstance(s.best, dict) and {"metric", "value", "step"} <= set(s.best),
+                  "'mixed_precision' is not a name": s.mixed_precision is None or isinstance(s.mixed_precision, str)}
+        problems += [what for what, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError(problems[0])
+        return s

@@ -101,7 +101,7 @@ def preflight(cfg: Config) -> ShardSet:
 def train(cfg: Config) -> None:
     shard_set = preflight(cfg)
     accelerator = build_accelerator(cfg)
-    lock = RunLock(RunLayout.of(cfg.run_dir).lock, cfg.run_dir) if accelerator.is_main_process else None
+    lock = RunLock(RunLayout(cfg.run_dir).lock, cfg.run_dir) if accelerator.is_main_process else None
     try:
         # Before anything is written to run_dir: a second job on it stops here, on every rank.
         on_main(accelerator, lock.acquire if lock else None)
@@ -186,7 +186,7 @@ class Trainer:
 
     def __init__(self, accelerator: Accelerator, cfg: Config, shard_set: ShardSet, lock: Optional[RunLock]):
         self.acc, self.cfg, self.lock, self.main = accelerator, cfg, lock, accelerator.is_main_process
-        self.layout, self.full_set = RunLayout.of(cfg.run_dir), shard_set
+        self.layout, self.full_set = RunLayout(cfg.run_dir), shard_set
         self.global_batch = cfg.data.batch_size * accelerator.num_processes
         self.graph = use_cuda_graph(cfg.train.cuda_graph, accelerator)
         shard_set, excluded = self._verified(shard_set)
