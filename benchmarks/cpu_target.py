@@ -50,10 +50,10 @@ def onednn_probe(threads: int, env: dict) -> dict:
     return _last_json(["benchmarks/onednn_step.py", "--threads", str(threads)], env)
 
 
-def step_profile(env: dict) -> dict:
+def step_profile(batch: int, env: dict) -> dict:
     """Where the bare bf16 step's time goes on these cores (train_throughput.py --profile)."""
     out = _last_json(["benchmarks/train_throughput.py", "--device", "cpu", "--profile", "--precisions", "bf16",
-                      "--batch-size", "128", "--steps", "3"], env)
+                      "--batch-size", str(batch), "--steps", "3"], env)
     return out.get("profile", out)
 
 
@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--cores", help="CPU ids to pin both jobs to, e.g. 0,1 (default: the first 2 usable)")
     p.add_argument("--steps", type=int, default=10, help="N: ours is timed over steps N..2N")
     p.add_argument("--peer-iterations", type=int, default=15, help="the peer is timed over iterations N..2N")
+    p.add_argument("--batch-size", type=int, default=128, help="ours and the profile (default 128, the target's; "
+                                                              "smaller only to test this script quickly)")
     args = p.parse_args()
     if args.peer_main and not args.dataroot:
         p.error("--peer-main needs --dataroot")
@@ -109,15 +111,16 @@ def main() -> None:
             f"{k} at {v['tflops']} TFLOP/s" for k, v in dnn["passes"].items()), flush=True)
         if result["amx"] and not dnn["conv_uses_amx"]:
             print("note: /proc/cpuinfo lists AMX, but oneDNN did not use it for the convolutions", flush=True)
-    result["profile"] = step_profile(env)
+    result["profile"] = step_profile(args.batch_size, env)
     if "kinds" in result["profile"]:
         print(f"one bf16 step, {result['profile']['ms_per_step']:.0f} ms: "
               + ", ".join(f"{k} {v:.0%}" for k, v in result["profile"]["kinds"].items()), flush=True)
-    result["ours"] = ours(args.shards, args.steps, env)
+    batch = (f"data.batch_size={args.batch_size}",)
+    result["ours"] = ours(args.shards, args.steps, env, batch)
     print(f"ours: {result['ours']['images_per_s']:,.1f} img/s, threads={result['ours']['threads']} "
           f"(steps {args.steps}..{2 * args.steps})", flush=True)
     # The same with oneDNN's own backward-weights kernels: whether the default's forward form pays here.
-    plain = ours(args.shards, args.steps, env, ("train.cpu_forward_weight_grads=false",))
+    plain = ours(args.shards, args.steps, env, (*batch, "train.cpu_forward_weight_grads=false"))
     result["ours_onednn_weight_grads"] = plain
     print(f"ours with train.cpu_forward_weight_grads=false: {plain['images_per_s']:,.1f} img/s (the default is "
           f"{result['ours']['images_per_s'] / plain['images_per_s'] - 1:+.1%})", flush=True)

@@ -49,7 +49,7 @@ if [ "$DEVICE" = cuda ]; then
 else
     IMAGES=300; TPUT=(--device cpu --steps 1 --batch-sizes 8 --precisions bf16 --variants legacy,eager)
     LOADER_BATCHES=20; MORE=6
-    CPU=(--steps 1 --peer-iterations 2)
+    CPU=(--steps 1 --peer-iterations 2 --batch-size 64)
     TRAIN=(train.steps=4 train.log_every=2 train.ckpt_every=2 train.sample_every=4 data.batch_size=16
            model.ngf=16 model.ndf=16 data.shuffle_buffer=64 eval.num_images=32 eval.every_kimg=null)
     EVAL=(--num 32 --reals 32)

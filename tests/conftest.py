@@ -181,6 +181,15 @@ def trained32(faces32, tmp_path_factory) -> Path:
     return once(tmp_path_factory, "trained32", lambda out: train_small(faces32, out, **keys))
 
 
+@pytest.fixture(scope="session")
+def straight(shards32, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank fp32 run of 24 steps (test_faults' arguments): the trace that every kill,
+    resume and remote read must give."""
+    from test_faults import finish, fp32_args
+
+    return once(tmp_path_factory, "straight", lambda run_dir: finish(fp32_args(shards32, run_dir)))
+
+
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """`env`, when given, is the whole environment (so a test can take variables away)."""
     full_env = {"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **(os.environ if env is None else env)}

@@ -31,7 +31,7 @@ def train_keys(shards, run_dir, steps, **over) -> list[str]:
     keys = {"data.shards": shards, "run_dir": run_dir, "model.resolution": 32, "model.ngf": 8, "model.ndf": 8,
             "data.batch_size": 8, "data.num_workers": 0, "data.shuffle_buffer": 32, "train.steps": steps,
             "train.log_every": 2, "train.sample_every": 1000, "train.ckpt_every": 4, "train.keep_ckpts": 2,
-            "train.num_samples": 4, "train.cpu_threads_per_rank": 1, "wandb.mode": "offline", "eval.metrics": "",
+            "train.num_samples": 4, "train.cpu_threads_per_rank": 1, "wandb.mode": "disabled", "eval.metrics": "",
             **over}
     return ["--config", "configs/demo.yaml", *overrides(keys)]
 
@@ -71,7 +71,8 @@ def pair(shards32, tmp_path_factory):
     """Both machines, to the end of a short run."""
     tmp = tmp_path_factory.mktemp("pair")
     run_dir = tmp / "run"
-    machines = start_machines(train_keys(shards32, run_dir, steps=8), free_port(), tmp, "pair")
+    machines = start_machines(train_keys(shards32, run_dir, steps=8, **{"wandb.mode": "offline"}), free_port(), tmp,
+                              "pair")
     codes = [m.wait(timeout=300) for m in machines]
     return run_dir, codes, [logs(tmp, "pair", r) for r in (0, 1)]
 

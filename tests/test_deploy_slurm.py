@@ -70,7 +70,7 @@ def start_now(job_id: str) -> None:
 def test_two_node_job_trains_as_one_world_and_exits_0(shards32, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     t0 = time.time()
-    job_id = sbatch(train_keys(shards32, run_dir, steps=8), log)
+    job_id = sbatch(train_keys(shards32, run_dir, steps=8, **{"wandb.mode": "offline"}), log)
     wait_until("the job to finish", lambda: state(job_id) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
                300, log)
     info, text = job(job_id), log.read_text()
@@ -97,7 +97,8 @@ def completed_steps(run_dir: Path) -> list[int]:
 
 def test_scancel_term_checkpoints_then_requeue_and_the_time_limit_signal_resume(shards32, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job_id = sbatch(train_keys(shards32, run_dir, steps=100000, **{"train.ckpt_every": 100000}), log)
+    job_id = sbatch(train_keys(shards32, run_dir, steps=100000, **{"train.ckpt_every": 100000, "wandb.mode": "offline"}),
+                    log)
     try:
         # scancel --signal=TERM reaches every process of the job step, as preemption does.
         wait_until("training", lambda: "training:" in log.read_text() if log.exists() else False, 180, log)

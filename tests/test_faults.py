@@ -20,7 +20,7 @@ def fp32_args(shards, run_dir, steps=24, **over):
     keys = {"data.shards": shards, "run_dir": run_dir, "model.resolution": 32, "model.ngf": 8,
             "model.ndf": 8, "data.batch_size": 8, "data.num_workers": 1, "data.shuffle_buffer": 32,
             "train.steps": steps, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 3,
-            "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "offline", "eval.metrics": "", **over}
+            "train.keep_ckpts": 2, "train.num_samples": 4, "wandb.mode": "disabled", "eval.metrics": "", **over}
     return ["--mixed_precision", "no", "launch/train.py", "--config", "configs/demo.yaml",
             *overrides(keys)]
 
@@ -61,14 +61,15 @@ def last_step(run_dir: Path) -> int:
 
 def kill_group(proc: subprocess.Popen) -> None:
     """kill -9 the whole job at once, as a lost machine would: the launcher's group and every rank and
-    loader worker (torchrun gives each rank a session of its own, so killpg alone misses them)."""
+    loader worker (torchrun gives each rank a session of its own, so killpg alone misses them). The ranks
+    go first: a rank that outlived its launcher by a moment would get the parent-death SIGTERM and save."""
     job = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in job:
+    for p in reversed(job):
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(job, timeout=30)
     assert not alive, f"job processes survived kill -9: {alive}"
@@ -92,13 +93,6 @@ def finish(args, timeout=300) -> subprocess.CompletedProcess:
                          env={**os.environ, "WANDB_SILENT": "true"})
     assert out.returncode == 0, out.stderr[-4000:]
     return out
-
-
-@pytest.fixture(scope="module")
-def straight(shards32, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight")
-    finish(fp32_args(shards32, run_dir))
-    return run_dir
 
 
 @pytest.fixture(scope="module")

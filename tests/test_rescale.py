@@ -13,7 +13,7 @@ from dcgan_dist.nets.ema import ema_beta
 
 KEYS = {"model.resolution": 32, "model.ngf": 8, "model.ndf": 8, "data.batch_size": 8, "data.num_workers": 0,
         "data.shuffle_buffer": 32, "train.log_every": 1, "train.sample_every": 1000, "train.ckpt_every": 1,
-        "train.keep_ckpts": 20, "train.num_samples": 4, "train.cpu_threads_per_rank": 1, "wandb.mode": "offline",
+        "train.keep_ckpts": 20, "train.num_samples": 4, "train.cpu_threads_per_rank": 1, "wandb.mode": "disabled",
         "train.ema_halflife_kimg": 2, "eval.metrics": "swd", "eval.num_images": 32, "eval.batch_per_rank": 8,
         "eval.every_kimg": 0.064, "eval.best_by": "swd"}
 

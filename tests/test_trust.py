@@ -481,8 +481,8 @@ def test_credentials_in_data_shards_reach_the_server_and_nothing_else(served, sh
     secrets = ["hunter2-password", "s3cr3t-query-token"]
     url = f"http://dcgan:hunter2-password@127.0.0.1:{server.port}/celeba32/?token=s3cr3t-query-token"
     run_dir = tmp_path / "http"
-    out = accelerate_launch(fp32_args(url, run_dir, steps=3, **{"train.ckpt_every": 3}), env={**os.environ, **FAST},
-                            timeout=300)
+    out = accelerate_launch(fp32_args(url, run_dir, steps=3, **{"train.ckpt_every": 3, "wandb.mode": "offline"}),
+                            env={**os.environ, **FAST}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ("GET", "/celeba32/train-000000.tar", "token=s3cr3t-query-token",
             "Basic ZGNnYW46aHVudGVyMi1wYXNzd29yZA==") in server.requests
