@@ -180,6 +180,7 @@ def test_sigterm_on_one_rank_checkpoints_and_exits_0_then_resumes(shards32, tmp_
     assert stopped_at >= 5 and f"stopped by signal at step {stopped_at}" in stderr
     out = finish(fp32_args(shards32, run_dir, steps=stopped_at + 3))
     assert f"step-{stopped_at:08d}" in out.stdout
+    assert "instead of" not in out.stderr                 # same ranks, same precision: no change to state
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, stopped_at + 4))
 
 

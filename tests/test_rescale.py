@@ -49,7 +49,6 @@ def rescaled(shards32, tmp_path_factory):
     outs["2to1"] = resume(shards32, shrunk, 1, 10, "no")
     # One step on 3 ranks with lr 0: G stays as saved, so the EMA after it is known exactly.
     outs["3"] = resume(shards32, run_dir, 3, 9, "bf16", **{"optim.lr": 0})
-    outs["3b"] = resume(shards32, run_dir, 3, 11, "bf16")
     outs["1"] = resume(shards32, run_dir, 1, 13, "no")
     return run_dir, outs, first_best
 
@@ -67,13 +66,13 @@ def test_kimg_is_carried_across_2_3_and_1_ranks(rescaled):
     run_dir, _, _ = rescaled
     rows = {r["step"]: r["kimg"] for r in metrics(run_dir) if "loss_d" in r}
     images = {0: 0}
-    for step in range(1, 14):            # 2 ranks to step 8, 3 ranks to step 11, then 1 rank; 8 per rank
-        images[step] = images[step - 1] + (16 if step <= 8 else 24 if step <= 11 else 8)
+    for step in range(1, 14):            # 2 ranks to step 8, 3 ranks for step 9, then 1 rank; 8 per rank
+        images[step] = images[step - 1] + (16 if step <= 8 else 24 if step <= 9 else 8)
     assert sorted(rows) == list(range(1, 14))
     for step, kimg in rows.items():
         assert kimg == pytest.approx(images[step] / 1000, abs=1e-9), (step, kimg, images[step])
     final = state(run_dir, 13)
-    assert final["images_seen"] == 8 * 16 + 3 * 24 + 2 * 8 == images[13]
+    assert final["images_seen"] == 8 * 16 + 24 + 4 * 8 == images[13]
     assert final["world_size"] == 1 and final["global_batch"] == 8
 
 
@@ -85,8 +84,7 @@ def test_each_change_is_stated_in_one_line(rescaled):
                  and "ranks" in ln]
         assert len(notes) == 1 and new + old in notes[0] and "optim.lr stays" in notes[0], notes
     assert "note: resuming at step 8 in bf16 instead of no" in outs["3"].stderr      # fp32 checkpoint -> bf16
-    assert "note: resuming at step 11 in no instead of bf16" in outs["1"].stderr     # bf16 checkpoint -> fp32
-    assert "instead of" not in outs["3b"].stderr                                      # nothing changed
+    assert "note: resuming at step 9 in no instead of bf16" in outs["1"].stderr      # bf16 checkpoint -> fp32
 
 
 def test_the_ema_carries_over_and_updates_with_the_new_batch(rescaled):
