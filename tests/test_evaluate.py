@@ -156,7 +156,7 @@ def test_an_untrained_generator_scores_worse_and_a_collapsed_one_has_no_recall(s
     for key in ("fid", "kid", "swd"):
         assert got["untrained"][key] > trained[key], key
         assert got["collapsed"][key] > trained[key], key
-    # Precision and recall sit at 0 for every generator at these sizes (32 images a side; PERFORMANCE.md
+    # Precision and recall sit at 0 for every generator at these sizes (32 images a side; docs/EVALUATION.md
     # says why), so "worse" can only be "no better" there.
     for key in ("precision", "recall"):
         assert got["untrained"][key] <= trained[key], key
