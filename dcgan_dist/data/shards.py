@@ -283,7 +283,8 @@ def _check_manifest(text: str, path: str, exists: Callable[[str], bool]) -> dict
     if isinstance(manifest, dict) and manifest.get("format") == "dcgan-dist-shards/1":
         raise UserError(f"'{path}': shards in the older format dcgan-dist-shards/1 (one JPEG per sample); "
                         f"re-shard with launch/shard.py to get {FORMAT}")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("shards"), list):
         raise UserError(f"'{path}': not a {FORMAT} manifest")
     _check_fields(manifest, path)
     if manifest["count"] == 0 or not manifest["shards"]:

@@ -87,7 +87,8 @@ class Evaluation:
 
     def __init__(self, acc: Accelerator, shard_set: ShardSet, proto: Protocol,
                  inception: Optional[metrics.Inception], cache_root: Path):
-        self.acc, self.shard_set, self.proto, self.inception, self.cache_root = acc, shard_set, proto, inception, cache_root
+        self.acc, self.shard_set, self.proto = acc, shard_set, proto
+        self.inception, self.cache_root = inception, cache_root
         needs = any(metrics.REGISTRY[m].needs_inception for m in proto.metrics)
         self.features = inception is not None and needs
         self.swd = min(proto.swd_images, proto.num_fakes, proto.num_reals) if "swd" in proto.metrics else 0

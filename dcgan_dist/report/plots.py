@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -123,7 +124,8 @@ def _eval_panel(ax, evals: list[dict]) -> None:
 
 
 def progress_gif(layout: RunLayout, out: Path) -> bool:
-    frames = [Image.open(p).convert("P", palette=Image.Palette.ADAPTIVE) for p in sorted(layout.samples.glob("fakes-*.png"))]
+    frames = [Image.open(p).convert("P", palette=Image.Palette.ADAPTIVE)
+              for p in sorted(layout.samples.glob("fakes-*.png"))]
     if len(frames) < 2:
         return False
     save_image(frames[0], out, save_all=True, append_images=frames[1:], duration=400, loop=0)

@@ -270,7 +270,7 @@ class Tracker:
                             for k, v in row.items()}, step=step)
 
     def images(self, step: int, kimg: float, name: str, images: torch.Tensor, path: Path) -> None:
-        """Save a grid of images in [-1, 1] to `path` (one of self.layout's) and send it to W&B."""
+        """Save a grid of images (uint8, or in [-1, 1]) to `path` (one of self.layout's) and send it to W&B."""
         if not self.enabled:
             return
         save_image(grid(images, nrow=int(math.sqrt(len(images)) + 0.5)), path)

@@ -70,7 +70,8 @@ def save(accelerator: Accelerator, final: Path, nets, state: TrainerState, extra
     def finalise() -> None:
         if main:
             files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
-            atomic_write_text(tmp / MARKER, json.dumps({"format": FORMAT, "step": state.step, "files": files}, indent=1))
+            marker = {"format": FORMAT, "step": state.step, "files": files}
+            atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
             _replace_dir(tmp, final)
 
     for part in (lambda: _fresh_dir(tmp) if main else None, write_all, finalise):

@@ -34,8 +34,8 @@ class RunLayout:
         root = self.root = Path(run_dir)
         self.config, self.facts, self.wandb_id, self.lock = (root / "config.yaml", root / "run.json",
                                                              root / "wandb-run-id", root / "LOCK")
-        self.metrics, self.generator, self.samples, self.wandb = (root / "metrics.jsonl", root / "generator.safetensors",
-                                                                  root / "samples", root / "wandb")
+        self.metrics, self.generator = root / "metrics.jsonl", root / "generator.safetensors"
+        self.samples, self.wandb = root / "samples", root / "wandb"
         self.checkpoints = root / "checkpoints"
         self.best, self.reals = self.checkpoints / "best", self.samples / "reals.png"
 

@@ -105,7 +105,8 @@ class TrainStep:
         self.loss = losses.LOSSES[self.remedies.loss]
         device = next(nets.G_local.parameters()).device
         r, layout = cfg.model.resolution, torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.real_u8 = torch.empty((cfg.data.batch_size, 3, r, r), dtype=torch.uint8, device=device, memory_format=layout)
+        self.real_u8 = torch.empty((cfg.data.batch_size, 3, r, r), dtype=torch.uint8, device=device,
+                                   memory_format=layout)
         self.z = torch.empty(cfg.data.batch_size, cfg.model.nz, device=device)
         long = dict(dtype=torch.int64, device=device)
         self.sums = torch.zeros(4, device=device)       # loss_d, loss_g, D(x), D(G(z)) since the last drain

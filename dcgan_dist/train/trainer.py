@@ -232,8 +232,7 @@ class Trainer:
             images, bad = next(self.batches)
             self.data_errors += bad
             if state.step == 0:
-                self.tracker.images(0, 0.0, "samples/real", images[: train.num_samples].float() / 127.5 - 1,
-                                    self.layout.reals)
+                self.tracker.images(0, 0.0, "samples/real", images[: train.num_samples], self.layout.reals)
                 self.samples()
             before = state.images_seen
             self.step(images, state.step, before + self.global_batch)
@@ -264,7 +263,8 @@ class Trainer:
     def samples(self) -> None:
         """Rank 0: the fixed-noise grid from the EMA generator, and the raw G's beside it."""
         if self.main:
-            for name, G, raw in (("samples/fake", self.nets.ema.module, False), ("samples/fake_raw", self.nets.G_local, True)):
+            for name, G, raw in (("samples/fake", self.nets.ema.module, False),
+                                 ("samples/fake_raw", self.nets.G_local, True)):
                 self.tracker.images(self.state.step, self.state.kimg, name, sample(G, self.fixed_z),
                                     self.layout.fakes(self.state.step, raw=raw))
 
@@ -276,7 +276,8 @@ class Trainer:
         state.last_eval = values
         self.tracker.scalars(state.step, {"kimg": state.kimg, **values}, section="eval")
         key, best = self.best_by, state.best
-        if key in values and not (best and best["metric"] == key and not metrics.better(key, values[key], best["value"])):
+        same_metric = bool(best) and best["metric"] == key
+        if key in values and (not same_metric or metrics.better(key, values[key], best["value"])):
             state.best = {"metric": key, "value": values[key], "step": state.step, "metrics": values}
             self.save(best=True)
         if self.scorer is not None:
@@ -297,7 +298,8 @@ class Trainer:
         replicas = check_replicas(acc, {"G": self.nets.G_local, "D": self.nets.D_local})
         extra = {}
         if self.main:
-            snapshot = snapshot_bytes(self.nets.ema.module, state.step, state.kimg, state.last_eval, self.full_set.shown)
+            snapshot = snapshot_bytes(self.nets.ema.module, state.step, state.kimg, state.last_eval,
+                                      self.full_set.shown)
             extra = {"replicas.json": json.dumps(replicas, indent=1, sort_keys=True).encode(), SNAPSHOT: snapshot}
         path = checkpoint.save(acc, self.layout.best if best else self.layout.step_dir(state.step), self.nets,
                                state, extra)
@@ -375,7 +377,8 @@ class Trainer:
         for name, why in sorted(bad.items()):
             warn(f"shard '{by_name[name].shown}' {why}; training without it (counted in data_errors)")
         if len(bad) == len(shard_set.shards):
-            raise RunStopped(f"no shard of '{redact(shard_set.location)}' matches its manifest; re-shard or fix the copy")
+            raise RunStopped(f"no shard of '{redact(shard_set.location)}' matches its manifest; re-shard or fix "
+                             "the copy")
         return shard_set.without(set(bad)), set(bad)
 
     def _resume(self) -> TrainerState:
